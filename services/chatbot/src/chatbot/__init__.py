@@ -1,0 +1,1 @@
+"""The chatbot service: engine settings and an OpenAI-client chat command."""

@@ -1,0 +1,1 @@
+"""The feedback worker: Pub/Sub requests -> vLLM (OpenAI API) -> Pub/Sub results."""

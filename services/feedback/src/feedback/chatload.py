@@ -1,0 +1,111 @@
+"""Chat-first sharing: the worker yields the GPU while the chatbot is busy.
+
+Both vLLM servers time-share one GPU, so every feedback step the GPU runs delays
+the chatbot's next token. The chatbot's own Prometheus endpoint says how many chat
+requests are running and waiting; from that the worker sets how many engine calls
+it makes at once:
+
+- chat busy (running + waiting >= FEEDBACK_CHAT_BUSY_THRESHOLD): drop at once to
+  FEEDBACK_BUSY_IN_FLIGHT, so new chat turns soon find a quiet GPU;
+- chat idle for FEEDBACK_CHAT_IDLE_HOLD_S: double the limit each poll up to
+  FEEDBACK_MAX_IN_FLIGHT. The hold spans the pauses between a user's turns, so
+  the limit does not swing up and down with every message (no oscillation).
+
+If the chatbot's metrics cannot be read the limit stays where it is for the hold
+time, then ramps up as if idle (a dead chatbot needs no protection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+
+import httpx
+import structlog
+
+from feedback import metrics
+from feedback.limiter import Limiter
+from feedback.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+_GAUGE = re.compile(
+    r"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.MULTILINE
+)
+
+
+def chat_load(exposition: str) -> int | None:
+    """Running + waiting chat requests from a vLLM /metrics page (None if absent)."""
+    found = _GAUGE.findall(exposition)
+    if not found:
+        return None
+    return round(sum(float(value) for _, value in found))
+
+
+@dataclass
+class Policy:
+    """The pure decision: the next limit from the current one and what chat is doing."""
+
+    full: int
+    floor: int
+    busy_threshold: int
+    idle_hold_s: float
+    idle_since: float | None = None
+
+    def next_limit(self, current: int, load: int | None, now: float) -> int:
+        if load is not None and load >= self.busy_threshold:
+            self.idle_since = None
+            return self.floor
+        if self.idle_since is None:
+            self.idle_since = now
+        if now - self.idle_since < self.idle_hold_s:
+            return current
+        return min(self.full, max(self.floor, current * 2))
+
+
+class ChatFirst:
+    def __init__(self, url: str, limiter: Limiter, policy: Policy, poll_s: float) -> None:
+        self._url = url
+        self._limiter = limiter
+        self._policy = policy
+        self._poll_s = poll_s
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings, limiter: Limiter) -> ChatFirst | None:
+        if not settings.chat_metrics_url:
+            return None
+        policy = Policy(
+            full=settings.max_in_flight,
+            floor=settings.busy_in_flight,
+            busy_threshold=settings.chat_busy_threshold,
+            idle_hold_s=settings.chat_idle_hold_s,
+        )
+        return cls(settings.chat_metrics_url, limiter, policy, settings.chat_poll_s)
+
+    async def run(self) -> None:
+        log.info("chat_first_on", url=self._url, full=self._policy.full, floor=self._policy.floor)
+        unreadable = False
+        async with httpx.AsyncClient(timeout=max(self._poll_s, 1.0)) as client:
+            while True:
+                load: int | None
+                try:
+                    response = await client.get(self._url)
+                    response.raise_for_status()
+                    load = chat_load(response.text)
+                    if unreadable:
+                        log.info("chat_metrics_readable")
+                    unreadable = False
+                except httpx.HTTPError as exc:
+                    load = None
+                    if not unreadable:
+                        log.warning("chat_metrics_unreadable", error=str(exc))
+                    unreadable = True
+                current = self._limiter.limit
+                limit = self._policy.next_limit(current, load, time.monotonic())
+                if limit != current:
+                    self._limiter.set_limit(limit)
+                    metrics.CONCURRENCY_LIMIT.set(limit)
+                    log.info("concurrency_limit", limit=limit, chat_load=load)
+                await asyncio.sleep(self._poll_s)

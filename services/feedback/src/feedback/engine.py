@@ -1,0 +1,181 @@
+"""The worker's engine: its own vLLM server, reached over the OpenAI API.
+
+One call per request, with an explicit timeout and none of the openai client's
+hidden retries: `feedback.jobs` retries transient failures itself (tenacity) and
+must see every failure to classify it. Failures become either `EngineUnavailable`
+(retry, then nack) or `InvalidRequest` (dead-letter: the request can never succeed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import structlog
+from cohost.messages import InvalidRequest, Reason
+
+from feedback.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+# vLLM's wording when prompt + max_tokens do not fit its --max-model-len.
+_CONTEXT_LENGTH_HINTS = ("maximum context length", "max_model_len", "max-model-len", "too long")
+
+
+# Below this many tokens of room for the answer, feedback is not worth giving.
+MIN_ANSWER_TOKENS = 16
+
+
+class EngineUnavailable(Exception):
+    """The engine could not answer now (down, overloaded, timed out): worth retrying."""
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def classify(exc: Exception) -> Exception:
+    """Map an openai/httpx failure to EngineUnavailable or InvalidRequest."""
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        message = _error_message(exc)
+        if status in (400, 413, 422):
+            reason = (
+                Reason.TEXT_TOO_LONG
+                if any(h in message.lower() for h in _CONTEXT_LENGTH_HINTS)
+                else Reason.ENGINE_REJECTED
+            )
+            return InvalidRequest(reason, f"engine answered {status}: {message}")
+        # 401/403/404 mean the worker or engine is misconfigured (key, model name), not
+        # that this request is bad: retry, and let delivery attempts run out if it lasts.
+        return EngineUnavailable(f"engine answered {status}: {message}")
+    if isinstance(exc, openai.APIConnectionError | asyncio.TimeoutError):
+        return EngineUnavailable(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def _error_message(exc: openai.APIStatusError) -> str:
+    body: Any = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+        if isinstance(body.get("message"), str):
+            return str(body["message"])
+    return str(exc.message)
+
+
+class Engine:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._settings = settings
+        self._client = openai.AsyncOpenAI(
+            base_url=settings.llm_base_url,
+            api_key=settings.api_key(),
+            timeout=settings.llm_timeout_s,
+            max_retries=0,
+        )
+        self.max_model_len: int | None = None
+        # vLLM's /tokenize lives at the server root, not under /v1.
+        root = settings.llm_base_url.rstrip("/").removesuffix("/v1")
+        self._http = httpx.AsyncClient(
+            base_url=root,
+            headers={"Authorization": f"Bearer {settings.api_key()}"},
+            timeout=30.0,
+        )
+
+    async def close(self) -> None:
+        await self._client.close()
+        await self._http.aclose()
+
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
+        """One chat completion. If the prompt fits but prompt + max_tokens does not, the
+        answer is shortened to the room left (vLLM 0.26 rejects such requests where
+        newer versions cap them; doing it here behaves the same on both)."""
+        try:
+            return await self._create(messages, max_tokens)
+        except InvalidRequest as exc:
+            if exc.reason is not Reason.TEXT_TOO_LONG:
+                raise
+            room = await self._room_for_answer(messages)
+            if room is None or room >= max_tokens or room < min(MIN_ANSWER_TOKENS, max_tokens):
+                raise
+            log.info("max_tokens_capped", requested=max_tokens, capped=room)
+            return await self._create(messages, room)
+
+    async def _room_for_answer(self, messages: list[dict[str, str]]) -> int | None:
+        """max-model-len minus the prompt's tokens, from the engine's /tokenize."""
+        try:
+            response = await self._http.post(
+                "/tokenize", json={"model": self._settings.llm_model, "messages": messages}
+            )
+            response.raise_for_status()
+            body = response.json()
+            return int(body["max_model_len"]) - int(body["count"])
+        except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+            log.warning("tokenize_failed", error=str(exc))
+            return None
+
+    async def _create(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
+        try:
+            response = await self._client.chat.completions.create(
+                model=self._settings.llm_model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=self._settings.temperature,
+            )
+        except Exception as exc:
+            raise classify(exc) from exc
+        if not response.choices:
+            raise EngineUnavailable("engine returned no choices")
+        usage = response.usage
+        return Completion(
+            text=response.choices[0].message.content or "",
+            model=response.model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+        )
+
+    async def probe(self) -> int | None:
+        """Check the engine serves our model; return its max-model-len when it says."""
+        try:
+            models = await self._client.models.list()
+        except Exception as exc:
+            raise classify(exc) from exc
+        for model in models.data:
+            if model.id == self._settings.llm_model:
+                extra = model.model_extra or {}
+                value = extra.get("max_model_len")
+                self.max_model_len = int(value) if isinstance(value, int) else None
+                return self.max_model_len
+        served = ", ".join(m.id for m in models.data) or "none"
+        raise EngineUnavailable(
+            f"engine at {self._settings.llm_base_url} does not serve model "
+            f"{self._settings.llm_model!r} (it serves: {served}); check FEEDBACK_LLM_MODEL"
+        )
+
+    async def wait_ready(self) -> int | None:
+        """Wait until `probe` succeeds, logging progress; give up after engine_wait_s if set."""
+        start = time.monotonic()
+        delay = 1.0
+        while True:
+            try:
+                max_len = await self.probe()
+            except EngineUnavailable as exc:
+                waited = time.monotonic() - start
+                limit = self._settings.engine_wait_s
+                if limit and waited >= limit:
+                    raise
+                log.info("engine_waiting", reason=str(exc), waited_s=round(waited, 1))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            log.info("engine_ready", model=self._settings.llm_model, max_model_len=max_len)
+            return max_len

@@ -1,0 +1,29 @@
+"""Prometheus metrics of the worker, served on FEEDBACK_METRICS_PORT."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RECEIVED = Counter("feedback_received_total", "Messages received from the request source")
+SUCCEEDED = Counter("feedback_succeeded_total", "Requests answered and acked")
+RETRIED = Counter("feedback_retried_total", "Engine calls retried after a transient failure")
+NACKED = Counter("feedback_nacked_total", "Messages nacked for redelivery", ["cause"])
+DEAD_LETTERED = Counter(
+    "feedback_dead_lettered_total", "Requests sent to the dead-letter topic", ["reason"]
+)
+ENGINE_ERRORS = Counter("feedback_engine_errors_total", "Failed engine calls", ["kind"])
+IN_FLIGHT = Gauge("feedback_in_flight", "Requests being processed now")
+CONCURRENCY_LIMIT = Gauge(
+    "feedback_concurrency_limit", "Engine calls allowed at once now (chat-first sharing)"
+)
+LATENCY = Histogram(
+    "feedback_latency_seconds",
+    "Receipt to ack of answered requests",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+COMPLETION_TOKENS = Counter("feedback_completion_tokens_total", "Tokens generated")
+
+
+def serve(host: str, port: int) -> None:
+    if port:
+        start_http_server(port, addr=host)

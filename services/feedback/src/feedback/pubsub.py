@@ -1,0 +1,169 @@
+"""Google Cloud Pub/Sub: the request source, the result sink and topic setup.
+
+The client library calls back on its own threads; `PubSubSource` hands each
+message to the worker's event loop and leaves it there: flow control keeps at
+most FEEDBACK_MAX_IN_FLIGHT messages leased, and the library extends their
+leases until they are acked or nacked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from cohost.messages import FeedbackResult
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+from google.pubsub_v1 import types as ps_types
+
+from feedback.jobs import Delivery
+from feedback.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+
+class PubSubSource:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._settings = settings
+        self._subscriber = pubsub_v1.SubscriberClient()
+        self._path = self._subscriber.subscription_path(
+            settings.project_id(), settings.requests_subscription
+        )
+        self._future: Future[Any] | None = None
+
+    def start(
+        self,
+        on_message: Callable[[Delivery], None],
+        on_failure: Callable[[BaseException], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        flow = pubsub_v1.types.FlowControl(
+            max_messages=self._settings.max_in_flight,
+            max_lease_duration=int(self._settings.max_lease_s),
+            min_duration_per_lease_extension=self._settings.ack_deadline_s,
+        )
+
+        def callback(message: Any) -> None:
+            loop.call_soon_threadsafe(on_message, message)
+
+        future = self._subscriber.subscribe(self._path, callback=callback, flow_control=flow)
+
+        def done(f: Any) -> None:
+            exc = f.exception() if not f.cancelled() else None
+            if exc is not None:
+                loop.call_soon_threadsafe(on_failure, exc)
+
+        future.add_done_callback(done)
+        self._future = future
+        log.info("pulling", subscription=self._path, max_in_flight=self._settings.max_in_flight)
+
+    async def close(self) -> None:
+        """Stop the stream; acks and nacks already issued are flushed first."""
+        future = self._future
+        if future is None:
+            return
+        future.cancel()
+
+        def wait() -> None:
+            try:
+                future.result(timeout=30)
+            except Exception as exc:  # already reported through on_failure
+                log.debug("stream_closed_with_error", error=str(exc))
+
+        await asyncio.to_thread(wait)
+        self._subscriber.close()
+
+
+class PubSubSink:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._publisher = pubsub_v1.PublisherClient()
+        project = settings.project_id()
+        self._results = self._publisher.topic_path(project, settings.results_topic)
+        self._dead_letters = self._publisher.topic_path(project, settings.dead_letter_topic)
+
+    async def publish_result(self, result: FeedbackResult) -> None:
+        future = self._publisher.publish(
+            self._results, result.to_bytes(), request_id=result.request_id
+        )
+        await asyncio.wrap_future(future)
+
+    async def publish_dead_letter(self, data: bytes, attributes: Mapping[str, str]) -> None:
+        # Attributes are keyword arguments of publish(); mypy cannot tell them from `retry`.
+        future = self._publisher.publish(self._dead_letters, data, **attributes)  # type: ignore[arg-type]
+        await asyncio.wrap_future(future)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._publisher.stop)
+
+
+def ensure_topology(settings: WorkerSettings) -> list[str]:
+    """Create the topics and subscriptions if missing; fix the worker subscription's
+    dead-letter policy if it differs. Idempotent. Returns what it did, line by line."""
+    project = settings.project_id()
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    done: list[str] = []
+    topic = publisher.topic_path
+    sub = subscriber.subscription_path
+
+    for name in (settings.requests_topic, settings.results_topic, settings.dead_letter_topic):
+        try:
+            publisher.create_topic(name=topic(project, name))
+            done.append(f"created topic {name}")
+        except gexc.AlreadyExists:
+            done.append(f"topic {name} exists")
+
+    dead_letter_policy = ps_types.DeadLetterPolicy(
+        dead_letter_topic=topic(project, settings.dead_letter_topic),
+        max_delivery_attempts=settings.max_delivery_attempts,
+    )
+    worker_sub = ps_types.Subscription(
+        name=sub(project, settings.requests_subscription),
+        topic=topic(project, settings.requests_topic),
+        ack_deadline_seconds=settings.ack_deadline_s,
+        dead_letter_policy=dead_letter_policy,
+        # Redeliveries after a nack back off, so an engine outage does not spin.
+        retry_policy=ps_types.RetryPolicy(
+            minimum_backoff=timedelta(seconds=10), maximum_backoff=timedelta(seconds=600)
+        ),
+    )
+    plain = [
+        (settings.results_subscription, settings.results_topic),
+        (settings.dead_letter_subscription, settings.dead_letter_topic),
+    ]
+    try:
+        subscriber.create_subscription(request=worker_sub)
+        done.append(f"created subscription {settings.requests_subscription}")
+    except gexc.AlreadyExists:
+        existing = subscriber.get_subscription(subscription=worker_sub.name)
+        policy = existing.dead_letter_policy
+        if (
+            policy.dead_letter_topic != dead_letter_policy.dead_letter_topic
+            or policy.max_delivery_attempts != dead_letter_policy.max_delivery_attempts
+        ):
+            subscriber.update_subscription(
+                request={
+                    "subscription": ps_types.Subscription(
+                        name=worker_sub.name, dead_letter_policy=dead_letter_policy
+                    ),
+                    "update_mask": {"paths": ["dead_letter_policy"]},
+                }
+            )
+            done.append(f"updated dead-letter policy of {settings.requests_subscription}")
+        else:
+            done.append(f"subscription {settings.requests_subscription} exists")
+    for sub_name, topic_name in plain:
+        try:
+            subscriber.create_subscription(
+                name=sub(project, sub_name), topic=topic(project, topic_name)
+            )
+            done.append(f"created subscription {sub_name}")
+        except gexc.AlreadyExists:
+            done.append(f"subscription {sub_name} exists")
+    publisher.stop()
+    subscriber.close()
+    return done

@@ -1,0 +1,117 @@
+"""The worker's run loop: pull, process concurrently, shut down without losing work.
+
+On SIGTERM or SIGINT it stops taking new work, gives requests in flight
+FEEDBACK_SHUTDOWN_GRACE_S to finish, nacks what is left (Pub/Sub redelivers it to
+the next worker) and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from feedback import metrics
+from feedback.chatload import ChatFirst
+from feedback.engine import Engine
+from feedback.jobs import Delivery, Outcome, Processor, Sink
+from feedback.limiter import Limiter
+from feedback.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+
+class Source(Protocol):
+    def start(
+        self,
+        on_message: Callable[[Delivery], None],
+        on_failure: Callable[[BaseException], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None: ...
+    async def close(self) -> None: ...
+
+
+class SourceFailed(RuntimeError):
+    """The request source stopped on its own (e.g. the subscription vanished)."""
+
+
+class Worker:
+    def __init__(
+        self, settings: WorkerSettings, source: Source, sink: Sink, engine: Engine | None = None
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.sink = sink
+        self.engine = engine or Engine(settings)
+        self.limiter = Limiter(settings.max_in_flight)
+        self.processor = Processor(settings, self.engine, sink, self.limiter)
+        self._tasks: set[asyncio.Task[Outcome]] = set()
+        self._parked: list[Delivery] = []
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._failure: BaseException | None = None
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self._stop.is_set():
+            log.info("shutdown_requested", reason=reason, in_flight=len(self._tasks))
+            self._stop.set()
+
+    def _accept(self, delivery: Delivery) -> None:
+        if self._stopping:
+            # Keep it leased (flow control then stops further deliveries) and nack it
+            # at the end, rather than nack now and have it bounce straight back to us.
+            self._parked.append(delivery)
+            return
+        task = asyncio.create_task(self.processor.handle(delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _source_failed(self, exc: BaseException) -> None:
+        log.error("source_failed", error=f"{type(exc).__name__}: {exc}")
+        self._failure = exc
+        self.request_stop("source failed")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        ready = asyncio.create_task(self.engine.wait_ready())
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            await self.engine.close()
+            log.info("shutdown_complete", before="engine ready")
+            return
+        ready.result()
+        metrics.CONCURRENCY_LIMIT.set(self.limiter.limit)
+        chat = ChatFirst.from_settings(self.settings, self.limiter)
+        chat_task = asyncio.create_task(chat.run()) if chat else None
+        self.source.start(self._accept, self._source_failed, loop)
+        await stop
+        if chat_task:
+            chat_task.cancel()
+        await self._drain()
+        if self._failure is not None:
+            raise SourceFailed(str(self._failure)) from self._failure
+
+    async def _drain(self) -> None:
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s
+        pending: set[asyncio.Task[Outcome]] = set(self._tasks)
+        if pending:
+            log.info("draining", in_flight=len(pending), grace_s=grace)
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        for task in pending:
+            task.cancel()  # the job nacks its message
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for delivery in self._parked:
+            delivery.nack()
+        await self.source.close()
+        await self.sink.close()
+        await self.engine.close()
+        log.info("shutdown_complete", cancelled=len(pending), returned_unstarted=len(self._parked))

@@ -1,0 +1,1 @@
+"""Common code of the cohost project: messages, logging, GPU planning, launcher."""

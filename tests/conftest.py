@@ -1,0 +1,63 @@
+"""Fixtures that start the real parts: the Pub/Sub emulator, CPU vLLM servers, workers.
+
+Nothing here is mocked. The emulator and one engine are started once per session;
+each test gets its own Pub/Sub project (so topics never leak between tests) and its
+own worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cohost import cpu_engine, emulator
+from cohost.processes import free_port
+
+from .support import TEST_MODEL, Engine, Project, script
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def emulator_host(logs: Path) -> Iterator[str]:
+    port = free_port()
+    child = emulator.emulator_child("127.0.0.1", port, log_path=logs / "emulator.log").start()
+    try:
+        emulator.wait_until_started(child)
+        yield f"127.0.0.1:{port}"
+    finally:
+        child.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(logs: Path) -> Iterator[Engine]:
+    cpu_engine.ensure_engine(log=lambda line: print(line, file=sys.stderr))
+    model = cpu_engine.ensure_model(TEST_MODEL, log=lambda line: print(line, file=sys.stderr))
+    server = Engine(model, free_port(), logs / "engine.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def project(emulator_host: str, logs: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
+    project_id = f"test-{uuid.uuid4().hex[:10]}"
+    env = dict(os.environ, PUBSUB_EMULATOR_HOST=emulator_host, GOOGLE_CLOUD_PROJECT=project_id)
+    # The test process talks to the emulator too (publishing, collecting).
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator_host)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", project_id)
+    setup = subprocess.run(
+        [script("feedback-worker"), "setup"], env=env, capture_output=True, text=True, check=False
+    )
+    assert setup.returncode == 0, setup.stderr
+    return Project(emulator_host, project_id, logs, env)
