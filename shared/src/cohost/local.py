@@ -42,7 +42,7 @@ class LocalSettings(BaseSettings):
     max_model_len: int = Field(default=2048, ge=256)
     max_num_seqs: int = Field(default=8, ge=1)
     # Each CPU server's KV cache, in GiB of RAM.
-    kv_cache_gib: float = Field(default=1.0, gt=0)
+    kv_cache_gib: int = Field(default=1, ge=1)
     engine_start_timeout_s: float = 600.0
 
 

@@ -1,0 +1,95 @@
+"""The plan as an env file: what docker compose and the launcher read.
+
+Each vLLM service gets `<NAME>_ENGINE_*` variables (CHATBOT_ENGINE_MAX_MODEL_LEN=...);
+the worker gets FEEDBACK_MAX_IN_FLIGHT, which must equal its engine's max_num_seqs.
+The header records the command that wrote the file, so it can be checked and redone.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from cohost.memory import MIB
+from cohost.plan import Plan, ServicePlan
+
+
+def prefix(service: str) -> str:
+    return f"{service.upper().replace('-', '_')}_ENGINE_"
+
+
+def service_variables(s: ServicePlan) -> dict[str, str]:
+    p = prefix(s.spec.name)
+    fp = s.footprint
+    values = {
+        "MODEL": s.spec.serve or s.spec.model,
+        "SERVED_MODEL_NAME": s.spec.name,
+        "GPU_MEMORY_UTILIZATION": f"{s.gpu_memory_utilization:.4f}",
+        "MAX_MODEL_LEN": str(s.max_model_len),
+        "MAX_NUM_SEQS": str(s.spec.max_num_seqs),
+        "MAX_NUM_BATCHED_TOKENS": str(s.spec.max_num_batched_tokens),
+        "KV_CACHE_DTYPE": s.spec.kv_cache_dtype,
+        "BUDGET_BYTES": str(fp.budget),
+        "EXPECTED_PROCESS_BYTES": str(fp.process),
+    }
+    if s.kv_pinned:
+        values["KV_CACHE_MEMORY_BYTES"] = str(fp.kv_cache)
+    return {p + k: v for k, v in values.items()}
+
+
+def render(plan: Plan, argv: Sequence[str]) -> str:
+    gpu = plan.gpu
+    lines = [
+        f"# cohost plan for {gpu.name} ({gpu.total_mib:,} MiB). Written by:",
+        f"#   {shlex.join(['cohost', *argv])}",
+        "# Re-run that command (changed as needed) to re-plan; do not edit values by hand.",
+    ]
+    for s in plan.services:
+        fp = s.footprint
+        lines.append(
+            f"# {s.spec.name}: {fp.process / MIB:,.0f} MiB in all "
+            f"(weights {fp.weights / MIB:,.0f}, "
+            f"KV {fp.kv_cache / MIB:,.0f} = {s.kv_cache_tokens:,} tokens, outside vLLM's budget "
+            f"{fp.outside_budget / MIB:,.0f})"
+        )
+    lines.append(
+        f"# predicted use {plan.used_bytes / MIB:,.0f} of {gpu.cuda_total_bytes / MIB:,.0f} MiB, "
+        f"headroom {plan.headroom_bytes / MIB:,.0f} MiB"
+    )
+    lines.append(f"COHOST_GPU_NAME={gpu.name}")
+    lines.append(f"COHOST_GPU_TOTAL_BYTES={gpu.total_bytes}")
+    for s in plan.services:
+        lines.extend(f"{k}={v}" for k, v in service_variables(s).items())
+        if s.spec.name == "feedback":
+            lines.append(f"FEEDBACK_MAX_IN_FLIGHT={s.spec.max_num_seqs}")
+            lines.append(f"FEEDBACK_LLM_MODEL={s.spec.name}")
+    return "\n".join(lines) + "\n"
+
+
+def write(path: Path, plan: Plan, argv: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(plan, argv))
+
+
+def read(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (comments and blanks skipped), as docker compose reads them."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, eq, value = line.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{path}:{number}: not KEY=VALUE: {line!r}")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def command(path: Path) -> list[str]:
+    """The cohost arguments recorded in the header."""
+    for line in path.read_text().splitlines()[:3]:
+        text = line.lstrip("# ").strip()
+        if text.startswith("cohost "):
+            return shlex.split(text)[1:]
+    raise ValueError(f"{path} does not record the command that wrote it")
