@@ -63,7 +63,32 @@ def test_limiter_survives_cancelled_waiters() -> None:
 
 def test_limiter_rejects_nonsense_limits() -> None:
     with pytest.raises(ValueError, match="limit"):
-        Limiter(0)
+        Limiter(-1)
+
+
+def test_limit_zero_pauses_until_raised() -> None:
+    async def scenario() -> None:
+        limiter = Limiter(0)
+        started: list[int] = []
+        release = asyncio.Event()
+        task = asyncio.create_task(_hold(limiter, started, release, 1))
+        await asyncio.sleep(0.01)
+        assert started == []
+        limiter.set_limit(1)
+        await asyncio.sleep(0.01)
+        assert started == [1]
+        release.set()
+        await task
+
+    asyncio.run(scenario())
+
+
+def test_policy_with_a_zero_floor_pauses_then_ramps_up() -> None:
+    policy = Policy(full=8, floor=0, busy_threshold=1, idle_hold_s=1.0)
+    assert policy.next_limit(8, load=2, now=0.0) == 0
+    assert policy.next_limit(0, load=0, now=0.5) == 0
+    assert policy.next_limit(0, load=0, now=1.6) == 1
+    assert policy.next_limit(1, load=0, now=2.0) == 2
 
 
 METRICS = """\

@@ -1,4 +1,7 @@
+"""One-off probe: CUDA's total vs NVML's (total - reserved) and a bare CUDA context's size."""
+
 import json
+import subprocess
 
 import pynvml
 import torch
@@ -30,7 +33,6 @@ print(
 )
 x = torch.empty(1, device="cuda")
 torch.cuda.synchronize()
-import subprocess
 
 print(
     subprocess.run(

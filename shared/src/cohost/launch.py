@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import httpx
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cohost import nvml
@@ -75,9 +75,7 @@ class EngineSettings(BaseSettings):
     planned_gpu_total_bytes: int | None = Field(
         default=None, validation_alias="COHOST_GPU_TOTAL_BYTES"
     )
-    lock_dir: Path = Field(
-        default=Path("/var/lock/cohost"), validation_alias=AliasChoices("COHOST_LOCK_DIR")
-    )
+    lock_dir: Path = Field(default=Path("/var/lock/cohost"), validation_alias="COHOST_LOCK_DIR")
     gate_timeout_s: float = Field(default=1800.0, gt=0, validation_alias="COHOST_GATE_TIMEOUT_S")
     health_timeout_s: float = Field(
         default=1800.0, gt=0, validation_alias="COHOST_HEALTH_TIMEOUT_S"

@@ -21,7 +21,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cohost import cpu_engine, emulator, paths
-from cohost.processes import Child, ChildFailed, http_ok
+from cohost.processes import Child, ChildFailed, http_ok, port_free
 
 Say = Callable[[str], None]
 
@@ -100,8 +100,26 @@ class Stack:
         took = child.wait_ready(ready, timeout=timeout, progress=self.say)
         self.say(f"  {child.name} ready in {took:.0f} s")
 
+    def check_ports(self) -> None:
+        """Fail before starting anything if a port is taken: a leftover server there
+        would answer our health checks and we would talk to the wrong process."""
+        s = self.settings
+        wanted = {
+            "COHOST_LOCAL_EMULATOR_PORT": s.emulator_port,
+            "COHOST_LOCAL_CHATBOT_PORT": s.chatbot_port,
+            "COHOST_LOCAL_FEEDBACK_PORT": s.feedback_port,
+            "COHOST_LOCAL_METRICS_PORT": s.metrics_port,
+        }
+        for name, port in wanted.items():
+            if not port_free(s.host, port):
+                raise ChildFailed(
+                    f"port {port} on {s.host} is already in use (another `cohost up` or a "
+                    f"leftover server?); stop it or choose another with {name}"
+                )
+
     def up(self) -> None:
         s = self.settings
+        self.check_ports()
         cpu_engine.ensure_engine(log=self.say)
         emu = emulator.emulator_child(
             s.host, s.emulator_port, log_path=paths.logs_dir() / "pubsub-emulator.log"

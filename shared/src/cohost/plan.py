@@ -494,13 +494,14 @@ def render_text(plan: Plan) -> str:
     def row(label: str, values: list[str]) -> str:
         return f"  {label:<34}" + "".join(f"{v:>{width}}" for v in values)
 
-    out.append(row("", names))
-    out.append(
-        row(
-            "model",
-            [s.spec.serve or s.spec.model.rstrip("/").split("/")[-1] for s in plan.services],
+    for s in plan.services:
+        fixed = f", util={s.spec.util} given" if s.spec.util is not None else ""
+        out.append(
+            f"  {s.spec.name}: {s.spec.serve or s.spec.model} ({s.shape.architecture}, "
+            f"{s.weights} weights, KV cache {s.spec.kv_cache_dtype}{fixed})"
         )
-    )
+    out.append("")
+    out.append(row("", names))
     out.append(
         row("--gpu-memory-utilization", [f"{s.gpu_memory_utilization:.4f}" for s in plan.services])
     )

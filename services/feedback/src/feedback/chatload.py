@@ -6,7 +6,8 @@ requests are running and waiting; from that the worker sets how many engine call
 it makes at once:
 
 - chat busy (running + waiting >= FEEDBACK_CHAT_BUSY_THRESHOLD): drop at once to
-  FEEDBACK_BUSY_IN_FLIGHT, so new chat turns soon find a quiet GPU;
+  FEEDBACK_BUSY_IN_FLIGHT (0 pauses feedback), so new chat turns soon find a quiet
+  GPU; calls already running finish;
 - chat idle for FEEDBACK_CHAT_IDLE_HOLD_S: double the limit each poll up to
   FEEDBACK_MAX_IN_FLIGHT. The hold spans the pauses between a user's turns, so
   the limit does not swing up and down with every message (no oscillation).
@@ -62,7 +63,7 @@ class Policy:
             self.idle_since = now
         if now - self.idle_since < self.idle_hold_s:
             return current
-        return min(self.full, max(self.floor, current * 2))
+        return min(self.full, max(self.floor, 1, current * 2))
 
 
 class ChatFirst:

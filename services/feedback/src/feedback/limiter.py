@@ -2,8 +2,8 @@
 
 asyncio.Semaphore has a fixed size; chat-first sharing lowers and raises the
 number of engine calls the worker makes at once. Lowering never cancels calls in
-flight: new calls wait until the count drops under the new limit. Waiters are
-served first come, first served.
+flight: new calls wait until the count drops under the new limit. A limit of 0
+pauses admission altogether. Waiters are served first come, first served.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ class Limiter:
 
     @staticmethod
     def _check(limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
 
     @property
     def limit(self) -> int:

@@ -64,8 +64,8 @@ class WorkerSettings(BaseSettings):
     # Chat-first sharing: watch the chatbot engine's /metrics and yield to it.
     chat_metrics_url: str | None = None
     chat_poll_s: float = Field(default=0.5, gt=0)
-    # In flight while chat is busy (never below this).
-    busy_in_flight: int = Field(default=2, ge=1)
+    # Engine calls allowed while chat is busy; 0 pauses feedback until chat is idle.
+    busy_in_flight: int = Field(default=2, ge=0)
     # Chat counts as busy from this many running+waiting chat requests.
     chat_busy_threshold: int = Field(default=1, ge=1)
     # Seconds chat must stay idle before the worker ramps back up.

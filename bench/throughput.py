@@ -1,0 +1,174 @@
+"""Does the worker keep up with its engine? Direct engine calls vs Pub/Sub + worker.
+
+    uv run python bench/throughput.py [--requests 300] [--concurrency 16] [--model smollm2-135m-instruct]
+
+Starts the real parts (Pub/Sub emulator, one CPU vLLM server, the `feedback-worker`
+process) and sends the same N prompts at the same concurrency
+  (a) straight to the engine with the openai client, and
+  (b) through Pub/Sub: published to feedback-requests, answered by the worker,
+      collected from feedback-results;
+then prints msgs/s for both, their ratio (goal >= 0.95) and the worker's CPU
+seconds per message. Both runs use the worker's own prompt (feedback.prompts) and
+sampling settings, so the engine does the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import openai
+import psutil
+from cohost import cpu_engine, emulator, paths
+from cohost.messages import FeedbackRequest
+from cohost.processes import Child, free_port, http_ok
+from feedback.prompts import build_messages
+from feedback.settings import DEFAULT_SYSTEM_PROMPT
+
+TEXT = (
+    "Water moves between the sea, the air and the land. It evaporates from the ocean, "
+    "forms clouds, falls as rain and returns through rivers. Essay number {i}."
+)
+
+
+async def direct(base_url: str, n: int, concurrency: int, max_tokens: int) -> float:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=600)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        messages = build_messages(FeedbackRequest(text=TEXT.format(i=i)), DEFAULT_SYSTEM_PROMPT)
+        async with gate:
+            await client.chat.completions.create(
+                model="feedback", messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens, temperature=0.3,
+            )  # fmt: skip
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    took = time.monotonic() - started
+    await client.close()
+    return took
+
+
+def through_pubsub(env: dict[str, str], n: int, max_tokens: int) -> tuple[float, float]:
+    """(seconds from first publish to last result, worker CPU seconds meanwhile)."""
+    from google.cloud import pubsub_v1
+
+    project = env["GOOGLE_CLOUD_PROJECT"]
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(project, "feedback-requests")
+    results = subscriber.subscription_path(project, "feedback-results-sub")
+    worker = Child(
+        "worker", [str(Path(sys.executable).parent / "feedback-worker")],
+        log_path=paths.logs_dir() / "bench-throughput-worker.log", env=env,
+    ).start()  # fmt: skip
+    try:
+        worker.wait_ready(lambda: '"pulling"' in worker.log_path.read_text(), timeout=120)
+        proc = psutil.Process(worker.pid)
+        cpu0 = sum(proc.cpu_times()[:4])
+        started = time.monotonic()
+        futures = [
+            publisher.publish(
+                topic,
+                json.dumps(
+                    {"request_id": f"r{i}", "text": TEXT.format(i=i), "max_tokens": max_tokens}
+                ).encode(),
+            )
+            for i in range(n)
+        ]
+        for f in futures:
+            f.result(timeout=60)
+        seen: set[str] = set()
+        while len(seen) < n:
+            response = subscriber.pull(subscription=results, max_messages=1000, timeout=30)
+            if response.received_messages:
+                subscriber.acknowledge(
+                    subscription=results, ack_ids=[m.ack_id for m in response.received_messages]
+                )
+            seen.update(m.message.attributes["request_id"] for m in response.received_messages)
+        took = time.monotonic() - started
+        cpu = sum(proc.cpu_times()[:4]) - cpu0
+    finally:
+        worker.stop(timeout=60)
+    return took, cpu
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--model", default="smollm2-135m-instruct", choices=cpu_engine.MODELS)
+    p.add_argument("--out", type=Path, help="append the result as a JSON line")
+    args = p.parse_args()
+
+    logs = paths.logs_dir()
+    model = cpu_engine.ensure_model(args.model)
+    emu_port, engine_port = free_port(), free_port()
+    emu = emulator.emulator_child("127.0.0.1", emu_port, log_path=logs / "bench-emulator.log")
+    engine = Child(
+        "engine",
+        cpu_engine.server_command(
+            model, port=engine_port, served_model_name="feedback",
+            max_num_seqs=args.concurrency, max_model_len=2048,
+        ),
+        log_path=logs / "bench-engine.log", env=cpu_engine.server_env(),
+    )  # fmt: skip
+    env = dict(
+        os.environ,
+        PUBSUB_EMULATOR_HOST=f"127.0.0.1:{emu_port}",
+        GOOGLE_CLOUD_PROJECT=f"bench-{uuid.uuid4().hex[:8]}",
+        FEEDBACK_LLM_BASE_URL=f"http://127.0.0.1:{engine_port}/v1",
+        FEEDBACK_LLM_MODEL="feedback",
+        FEEDBACK_MAX_IN_FLIGHT=str(args.concurrency),
+        FEEDBACK_METRICS_PORT="0",
+        FEEDBACK_LOG_LEVEL="INFO",  # as in production; also how we see it is ready
+    )
+    os.environ.update(PUBSUB_EMULATOR_HOST=env["PUBSUB_EMULATOR_HOST"])
+    try:
+        emu.start()
+        emulator.wait_until_started(emu)
+        engine.start()
+        engine.wait_ready(http_ok(f"http://127.0.0.1:{engine_port}/health"), timeout=600)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "feedback-worker"), "setup"], env=env, check=True,
+            capture_output=True,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{engine_port}/v1"
+        asyncio.run(
+            direct(base, args.concurrency * 2, args.concurrency, args.max_tokens)
+        )  # warm-up
+        direct_s = asyncio.run(direct(base, args.requests, args.concurrency, args.max_tokens))
+        pubsub_s, worker_cpu = through_pubsub(env, args.requests, args.max_tokens)
+    finally:
+        engine.stop()
+        emu.stop()
+    result = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "model": args.model,
+        "direct_msgs_per_s": round(args.requests / direct_s, 2),
+        "pubsub_msgs_per_s": round(args.requests / pubsub_s, 2),
+        "ratio": round(direct_s / pubsub_s, 3),
+        "worker_cpu_s_per_msg": round(worker_cpu / args.requests, 5),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+    }
+    print(json.dumps(result))
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""`cohost launch`: preflight refusals and the start gate, with real processes.
+
+NVML is the only thing faked (COHOST_FAKE_NVML, a GpuReading as JSON); the launcher
+runs as a real subprocess and execs a real command: a small recorder for the argv
+checks, the real CPU vLLM server for the ordering test.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cohost import cpu_engine, nvml
+from cohost.launch import EXIT_CONFIG, EXIT_GATE_TIMEOUT, EXIT_NO_MEMORY, EXIT_WRONG_GPU
+from cohost.processes import Child, free_port, http_ok
+
+MIB = 1 << 20
+L4_TOTAL = 23034 * MIB
+COHOST = str(Path(sys.executable).parent / "cohost")
+
+
+def reading(free_mib: int, total: int = L4_TOTAL, uuid: str = "GPU-test-0") -> nvml.GpuReading:
+    return nvml.GpuReading(
+        index=0,
+        name="NVIDIA L4",
+        uuid=uuid,
+        total_bytes=total,
+        reserved_bytes=480 * MIB,
+        free_bytes=free_mib * MIB,
+        used_bytes=total - free_mib * MIB,
+        processes=[nvml.GpuProcess(pid=4242, used_bytes=9000 * MIB, name="vllm serve other")],
+    )
+
+
+@pytest.fixture
+def gpu_env(tmp_path: Path) -> dict[str, str]:
+    fake = tmp_path / "nvml.json"
+    fake.write_text(reading(free_mib=22000).to_json())
+    return {
+        **os.environ,
+        "COHOST_FAKE_NVML": str(fake),
+        "COHOST_LOCK_DIR": str(tmp_path / "locks"),
+        "COHOST_GPU_NAME": "NVIDIA L4",
+        "COHOST_GPU_TOTAL_BYTES": str(L4_TOTAL),
+        "CHATBOT_ENGINE_MODEL": "/models/chat",
+        "CHATBOT_ENGINE_GPU_MEMORY_UTILIZATION": "0.5",
+        "CHATBOT_ENGINE_BUDGET_BYTES": str(11_000 * MIB),
+        "CHATBOT_ENGINE_EXPECTED_PROCESS_BYTES": str(12_000 * MIB),
+        "CHATBOT_ENGINE_KV_CACHE_MEMORY_BYTES": str(5_000 * MIB),
+        "CHATBOT_ENGINE_MAX_MODEL_LEN": "8192",
+        "CHATBOT_ENGINE_MAX_NUM_SEQS": "8",
+        "CHATBOT_ENGINE_MAX_NUM_BATCHED_TOKENS": "2048",
+    }
+
+
+def recorder(tmp_path: Path) -> str:
+    """A command that records how it was started, then exits."""
+    script = tmp_path / "record.py"
+    script.write_text(
+        "import json, os, sys\n"
+        f"json.dump({{'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY')}}, "
+        f"open({str(tmp_path / 'started.json')!r}, 'w'))\n"
+    )
+    return f"{sys.executable} {script}"
+
+
+def launch(
+    service: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [COHOST, "launch", service],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_execs_vllm_with_the_planned_flags(gpu_env: dict[str, str], tmp_path: Path) -> None:
+    env = {
+        **gpu_env,
+        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path),
+        "CHATBOT_ENGINE_API_KEY": "s3cret",
+    }
+    result = launch("chatbot", env)
+    assert result.returncode == 0, result.stderr
+    started = json.loads((tmp_path / "started.json").read_text())
+    argv = started["argv"]
+    flags = dict(zip(argv[0::2], argv[1::2], strict=False))
+    assert argv[0] == "--model"
+    assert argv[1] == "/models/chat"
+    assert flags["--served-model-name"] == "chatbot"
+    assert flags["--kv-cache-memory-bytes"] == str(5_000 * MIB)
+    assert flags["--max-model-len"] == "8192"
+    assert flags["--max-num-batched-tokens"] == "2048"
+    # The budget as a share of this card's CUDA total (NVML total - reserved), rounded up.
+    util = float(flags["--gpu-memory-utilization"])
+    assert util * (L4_TOTAL - 480 * MIB) >= 11_000 * MIB
+    assert util < 0.5 + 0.001
+    # The key reaches vLLM through its environment, never through argv (ps shows argv).
+    assert started["key"] == "s3cret"
+    assert "s3cret" not in " ".join(argv) + result.stderr
+
+
+def test_refuses_when_the_server_would_not_fit(gpu_env: dict[str, str], tmp_path: Path) -> None:
+    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(reading(free_mib=9000).to_json())
+    env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path)}
+    result = launch("chatbot", env)
+    assert result.returncode == EXIT_NO_MEMORY
+    assert "refusing to start chatbot" in result.stderr
+    assert "9,000 MiB free" in result.stderr
+    assert "needs 12,000 MiB" in result.stderr
+    assert "pid    4242" in result.stderr
+    assert "vllm serve other" in result.stderr
+    assert "cohost plan --gpu-memory-mib 23034" in result.stderr
+    assert not (tmp_path / "started.json").exists()
+
+
+def test_refuses_another_card_unless_emulating(gpu_env: dict[str, str], tmp_path: Path) -> None:
+    h100 = reading(free_mib=70000, total=81559 * MIB)
+    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(h100.to_json())
+    env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path)}
+    result = launch("chatbot", env)
+    assert result.returncode == EXIT_WRONG_GPU
+    assert "the plan is for NVIDIA L4" in result.stderr
+    # Emulating the L4 on the big card: the budget becomes a smaller share of its total.
+    result = launch("chatbot", {**env, "COHOST_ALLOW_OTHER_GPU": "1"})
+    assert result.returncode == 0, result.stderr
+    argv = json.loads((tmp_path / "started.json").read_text())["argv"]
+    util = float(argv[argv.index("--gpu-memory-utilization") + 1])
+    assert util == pytest.approx(11_000 / (81559 - 480), abs=1e-4)
+
+
+def test_missing_plan_names_the_variables(gpu_env: dict[str, str]) -> None:
+    env = {k: v for k, v in gpu_env.items() if not k.startswith("CHATBOT_ENGINE_MAX")}
+    result = launch("chatbot", env)
+    assert result.returncode == EXIT_CONFIG
+    assert "CHATBOT_ENGINE_MAX_MODEL_LEN" in result.stderr
+    assert "CHATBOT_ENGINE_MAX_NUM_SEQS" in result.stderr
+
+
+def test_gives_up_on_a_gate_held_too_long(gpu_env: dict[str, str], tmp_path: Path) -> None:
+    locks = Path(gpu_env["COHOST_LOCK_DIR"])
+    locks.mkdir()
+    with (locks / "GPU-test-0.lock").open("w") as held:
+        held.write(json.dumps({"service": "feedback", "pid": 777, "since": time.time()}))
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        env = {
+            **gpu_env,
+            "CHATBOT_ENGINE_COMMAND": recorder(tmp_path),
+            "COHOST_GATE_TIMEOUT_S": "2",
+        }
+        result = launch("chatbot", env)
+    assert result.returncode == EXIT_GATE_TIMEOUT
+    assert "feedback (pid 777" in result.stderr
+    assert not (tmp_path / "started.json").exists()
+
+
+def test_gate_is_released_when_the_server_dies(gpu_env: dict[str, str], tmp_path: Path) -> None:
+    # The recorder exits at once: its keeper must let go, so the next start is not stuck.
+    env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path), "COHOST_GATE_TIMEOUT_S": "20"}
+    assert launch("chatbot", env).returncode == 0
+    started = time.monotonic()
+    second = launch("chatbot", env)
+    assert second.returncode == 0, second.stderr
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.engine
+def test_two_launches_at_once_start_one_after_the_other(
+    gpu_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Two real CPU vLLM servers launched at the same moment come up strictly in turn."""
+    cpu_engine.ensure_engine()
+    model = cpu_engine.ensure_model("tiny-llama")
+    command = f"{cpu_engine.engine_python()} -m vllm.entrypoints.openai.api_server"
+    env = cpu_engine.server_env(gpu_env)
+    ports = {}
+    for name in ("chatbot", "feedback"):
+        p = f"{name.upper()}_ENGINE_"
+        ports[name] = free_port()
+        env.update({
+            p + "MODEL": str(model), p + "COMMAND": command, p + "EXTRA_ARGS": "--enforce-eager",
+            p + "HOST": "127.0.0.1", p + "PORT": str(ports[name]),
+            p + "GPU_MEMORY_UTILIZATION": "0.3", p + "BUDGET_BYTES": str(6000 * MIB),
+            p + "EXPECTED_PROCESS_BYTES": str(7000 * MIB), p + "MAX_MODEL_LEN": "1024",
+            p + "MAX_NUM_SEQS": "4",
+        })  # fmt: skip
+    children = {
+        name: Child(
+            name, [COHOST, "launch", name], log_path=tmp_path / f"{name}.log", env=env
+        ).start()
+        for name in ports
+    }
+    try:
+        for name, child in children.items():
+            child.wait_ready(http_ok(f"http://127.0.0.1:{ports[name]}/health"), timeout=300)
+        logs = {name: (tmp_path / f"{name}.log").read_text() for name in ports}
+        waited = [name for name, text in logs.items() if "waiting for the start gate" in text]
+        assert len(waited) == 1, "exactly one launcher found the gate taken"
+        second = waited[0]
+        first = next(name for name in ports if name != second)
+
+        def stamp(text: str, needle: str) -> str:
+            line = next(line for line in text.splitlines() if needle in line)
+            return line.split()[0]
+
+        assert stamp(logs[second], "starting:") >= stamp(logs[first], "healthy after")
+    finally:
+        for child in children.values():
+            child.stop(timeout=30)
