@@ -92,10 +92,16 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
             proc.wait()
 
 
-def gpu_processes() -> list[dict[str, int]]:
-    """[{pid, used_mib}] of compute processes, as nvidia-smi reports them."""
+def gpu_processes(gpu: int | None = None) -> list[dict[str, int]]:
+    """[{pid, used_mib}] of compute processes (of one GPU, if given), as nvidia-smi reports them."""
+    which = [] if gpu is None else [f"--id={gpu}"]
     out = subprocess.run(
-        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        [
+            "nvidia-smi",
+            *which,
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -46,23 +46,7 @@ while True:
 
 
 def smi(gpu: int) -> list[dict[str, int]]:
-    out = subprocess.run(
-        [
-            "nvidia-smi",
-            f"--id={gpu}",
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    rows = []
-    for line in out.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit():
-            rows.append({"pid": int(parts[0]), "used_mib": int(parts[1])})
-    return rows
+    return gpuhost.gpu_processes(gpu)
 
 
 def ancestors(pid: int) -> list[int]:

