@@ -1,6 +1,7 @@
 """Does the worker keep up with its engine? Direct engine calls vs Pub/Sub + worker.
 
-    uv run python bench/throughput.py [--requests 300] [--concurrency 16] [--model smollm2-135m-instruct]
+    uv run python bench/throughput.py [--requests 300] [--concurrency 16] [--rounds 2]
+        [--model smollm2-135m-instruct] [--out bench/results/throughput.jsonl]
 
 Starts the real parts (Pub/Sub emulator, one CPU vLLM server, the `feedback-worker`
 process) and sends the same N prompts at the same concurrency
@@ -8,7 +9,9 @@ process) and sends the same N prompts at the same concurrency
   (b) through Pub/Sub: published to feedback-requests, answered by the worker,
       collected from feedback-results;
 then prints msgs/s for both, their ratio (goal >= 0.95) and the worker's CPU
-seconds per message. Both runs use the worker's own prompt (feedback.prompts) and
+seconds per message (and the emulator's: on a CPU-only machine both take cores
+from the engine, which a GPU engine would not miss). With --rounds N the two
+alternate N times and the medians are reported, next to every round. Both runs use the worker's own prompt (feedback.prompts) and
 sampling settings, so the engine does the same work.
 """
 
@@ -19,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -58,8 +62,16 @@ async def direct(base_url: str, n: int, concurrency: int, max_tokens: int) -> fl
     return took
 
 
-def through_pubsub(env: dict[str, str], n: int, max_tokens: int) -> tuple[float, float]:
-    """(seconds from first publish to last result, worker CPU seconds meanwhile)."""
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system + times.children_user + times.children_system)
+
+
+def through_pubsub(
+    env: dict[str, str], n: int, max_tokens: int, emulator_pid: int, tag: str
+) -> tuple[float, float, float, int]:
+    """(seconds from first publish to the last of this round's results, worker and
+    emulator CPU seconds meanwhile, duplicate results of this round)."""
     from google.cloud import pubsub_v1
 
     project = env["GOOGLE_CLOUD_PROJECT"]
@@ -73,14 +85,13 @@ def through_pubsub(env: dict[str, str], n: int, max_tokens: int) -> tuple[float,
     ).start()  # fmt: skip
     try:
         worker.wait_ready(lambda: '"pulling"' in worker.log_path.read_text(), timeout=120)
-        proc = psutil.Process(worker.pid)
-        cpu0 = sum(proc.cpu_times()[:4])
+        cpu0, emu0 = cpu_seconds(worker.pid), cpu_seconds(emulator_pid)
         started = time.monotonic()
         futures = [
             publisher.publish(
                 topic,
                 json.dumps(
-                    {"request_id": f"r{i}", "text": TEXT.format(i=i), "max_tokens": max_tokens}
+                    {"request_id": f"{tag}-{i}", "text": TEXT.format(i=i), "max_tokens": max_tokens}
                 ).encode(),
             )
             for i in range(n)
@@ -88,18 +99,24 @@ def through_pubsub(env: dict[str, str], n: int, max_tokens: int) -> tuple[float,
         for f in futures:
             f.result(timeout=60)
         seen: set[str] = set()
+        duplicates = 0
         while len(seen) < n:
             response = subscriber.pull(subscription=results, max_messages=1000, timeout=30)
             if response.received_messages:
                 subscriber.acknowledge(
                     subscription=results, ack_ids=[m.ack_id for m in response.received_messages]
                 )
-            seen.update(m.message.attributes["request_id"] for m in response.received_messages)
+            for m in response.received_messages:
+                # A result left over from an earlier round is not this round's.
+                request_id = m.message.attributes["request_id"]
+                if request_id.startswith(f"{tag}-"):
+                    duplicates += request_id in seen
+                    seen.add(request_id)
         took = time.monotonic() - started
-        cpu = sum(proc.cpu_times()[:4]) - cpu0
+        cpu, emu = cpu_seconds(worker.pid) - cpu0, cpu_seconds(emulator_pid) - emu0
     finally:
         worker.stop(timeout=60)
-    return took, cpu
+    return took, cpu, emu, duplicates
 
 
 def main() -> int:
@@ -107,6 +124,13 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument(
+        "--ack-deadline",
+        type=int,
+        default=600,
+        help="FEEDBACK_ACK_DEADLINE_S for the bench's subscription and worker (see bench/README.md)",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="direct and Pub/Sub runs, alternating")
     p.add_argument("--model", default="smollm2-135m-instruct", choices=cpu_engine.MODELS)
     p.add_argument("--out", type=Path, help="append the result as a JSON line")
     args = p.parse_args()
@@ -131,6 +155,7 @@ def main() -> int:
         FEEDBACK_LLM_MODEL="feedback",
         FEEDBACK_MAX_IN_FLIGHT=str(args.concurrency),
         FEEDBACK_METRICS_PORT="0",
+        FEEDBACK_ACK_DEADLINE_S=str(args.ack_deadline),
         FEEDBACK_LOG_LEVEL="INFO",  # as in production; also how we see it is ready
     )
     os.environ.update(PUBSUB_EMULATOR_HOST=env["PUBSUB_EMULATOR_HOST"])
@@ -147,20 +172,35 @@ def main() -> int:
         asyncio.run(
             direct(base, args.concurrency * 2, args.concurrency, args.max_tokens)
         )  # warm-up
-        direct_s = asyncio.run(direct(base, args.requests, args.concurrency, args.max_tokens))
-        pubsub_s, worker_cpu = through_pubsub(env, args.requests, args.max_tokens)
+        rounds: list[dict[str, float]] = []
+        for k in range(args.rounds):
+            direct_s = asyncio.run(direct(base, args.requests, args.concurrency, args.max_tokens))
+            pubsub_s, worker_cpu, emulator_cpu, duplicates = through_pubsub(
+                env, args.requests, args.max_tokens, emu.pid, tag=f"round{k}"
+            )
+            rounds.append(
+                {
+                    "direct_msgs_per_s": round(args.requests / direct_s, 2),
+                    "pubsub_msgs_per_s": round(args.requests / pubsub_s, 2),
+                    "ratio": round(direct_s / pubsub_s, 3),
+                    "worker_cpu_s_per_msg": round(worker_cpu / args.requests, 5),
+                    "emulator_cpu_s_per_msg": round(emulator_cpu / args.requests, 5),
+                    "duplicate_results": duplicates,
+                }
+            )
+            print(json.dumps({"round": k + 1, **rounds[-1]}), file=sys.stderr, flush=True)
     finally:
         engine.stop()
         emu.stop()
     result = {
         "requests": args.requests,
+        "ack_deadline_s": args.ack_deadline,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "model": args.model,
-        "direct_msgs_per_s": round(args.requests / direct_s, 2),
-        "pubsub_msgs_per_s": round(args.requests / pubsub_s, 2),
-        "ratio": round(direct_s / pubsub_s, 3),
-        "worker_cpu_s_per_msg": round(worker_cpu / args.requests, 5),
+        **{key: round(statistics.median(r[key] for r in rounds), 5) for key in rounds[0]},
+        "rounds": rounds,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
     }
     print(json.dumps(result))

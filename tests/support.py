@@ -115,10 +115,11 @@ class Received:
 class Collector:
     """Pulls what the worker published: results and dead letters, by request id."""
 
-    def __init__(self, project: Project) -> None:
+    def __init__(self, project: Project, wait_s: float = 5.0) -> None:
         from google.cloud import pubsub_v1
 
         self._client = pubsub_v1.SubscriberClient()
+        self.wait_s = wait_s
         self._results = self._client.subscription_path(project.project_id, "feedback-results-sub")
         self._dead = self._client.subscription_path(
             project.project_id, "feedback-requests-dead-letter-sub"
@@ -130,7 +131,7 @@ class Collector:
         from google.api_core import exceptions as gexc
 
         try:
-            response = self._client.pull(subscription=path, max_messages=500, timeout=5)
+            response = self._client.pull(subscription=path, max_messages=500, timeout=self.wait_s)
         except gexc.DeadlineExceeded:
             return
         if response.received_messages:

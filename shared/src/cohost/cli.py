@@ -2,6 +2,7 @@
 
 cohost up                    the whole system locally on CPU (emulator, 2 engines, worker)
 cohost engine install        install the CPU engine and its models (done by `up` if needed)
+cohost status                engines, worker and GPU memory against the plan, at a glance
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _plan(args: argparse.Namespace) -> int:
         if not result.fits:
             print(f"error: not writing {args.write_env}: the plan does not fit", file=sys.stderr)
             return 1
-        envfile.write(args.write_env, result, sys.argv[1:] if args.argv is None else args.argv)
+        envfile.write(args.write_env, result, args.argv)
         print(f"wrote {args.write_env}", file=sys.stderr)
     return 0 if result.fits else 1
 
@@ -65,6 +66,20 @@ def _launch(args: argparse.Namespace) -> int:
     from cohost import launch
 
     launch.run(args.service_name)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cohost import status
+
+    return status.run(
+        chatbot=args.chatbot,
+        feedback=args.feedback,
+        worker=args.worker,
+        plan=args.plan,
+        as_json=args.json,
+        watch=args.watch,
+        timeout=args.timeout,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--write-env", type=Path, metavar="FILE", help="write the env file docker compose reads"
     )
-    plan.set_defaults(func=_plan, argv=None)
+    plan.set_defaults(func=_plan)
 
     launch = sub.add_parser(
         "launch",
@@ -117,11 +132,32 @@ def build_parser() -> argparse.ArgumentParser:
         "service_name", metavar="SERVICE", help="chatbot or feedback (reads SERVICE_ENGINE_*)"
     )
     launch.set_defaults(func=_launch)
+
+    status = sub.add_parser(
+        "status",
+        help="both engines, the worker and GPU memory against the plan, at a glance",
+        description="Health and load of the chatbot and feedback engines (/health, /metrics), "
+        "the worker's counters (its Prometheus endpoint) and GPU memory against the plan "
+        "(NVML). Exit code 1 when anything is down or unhealthy. Defaults fit `cohost up`.",
+    )
+    status.add_argument("--chatbot", default="http://127.0.0.1:8001", metavar="URL")
+    status.add_argument("--feedback", default="http://127.0.0.1:8002", metavar="URL")
+    status.add_argument(
+        "--worker", default="http://127.0.0.1:9100", metavar="URL", help="its metrics endpoint"
+    )
+    status.add_argument(
+        "--plan", type=Path, metavar="FILE", help="the plan's env file (deploy/*.env)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="repeat until Ctrl-C")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds per HTTP call")
+    status.set_defaults(func=_status)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     code: int = args.func(args)
     return code
 

@@ -95,6 +95,28 @@ class Engine:
         await self._client.close()
         await self._http.aclose()
 
+    def check_fits(self, messages: list[dict[str, str]]) -> None:
+        """Refuse, without sending it, a prompt that cannot fit max-model-len.
+
+        No token covers more than `max_chars_per_token` characters, so a prompt of more
+        than max_model_len times that many characters needs more tokens than the engine
+        takes. Sending it anyway costs the engine a tokenization of up to the worker's
+        whole byte limit (1 MiB) just to reject it, and a second one through /tokenize
+        when `complete` looks for room to shorten the answer; vLLM 0.26 has no such
+        check of its own. Off while max-model-len is unknown or the setting is 0.
+        """
+        limit = self.max_model_len
+        per_token = self._settings.max_chars_per_token
+        if not limit or not per_token:
+            return
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > limit * per_token:
+            raise InvalidRequest(
+                Reason.TEXT_TOO_LONG,
+                f"prompt of {chars} characters cannot fit in {limit} tokens "
+                f"(at most {per_token} characters per token); not sent to the engine",
+            )
+
     async def complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
         """One chat completion. If the prompt fits but prompt + max_tokens does not, the
         answer is shortened to the room left (vLLM 0.26 rejects such requests where

@@ -96,6 +96,10 @@ class Processor:
             metrics.NACKED.labels("shutdown").inc()
             log.info("request_done", outcome=Outcome.NACKED, cause="shutdown")
             raise
+        except Exception:
+            # A bug, not the message's fault: hand it back rather than hold its lease.
+            log.exception("request_failed")
+            return self._nack(delivery, "internal_error", "unexpected error, see request_failed")
         finally:
             metrics.IN_FLIGHT.dec()
 
@@ -148,10 +152,11 @@ class Processor:
 
     async def _generate(self, request: FeedbackRequest) -> Completion:
         messages = build_messages(request, self._settings.system_prompt)
+        self._engine.check_fits(messages)
         max_tokens = request.max_tokens or self._settings.default_max_tokens
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(EngineUnavailable),
-            wait=wait_exponential_jitter(initial=0.5, max=15.0),
+            wait=wait_exponential_jitter(multiplier=0.5, max=15.0),
             stop=stop_after_delay(self._settings.retry_budget_s),
             before_sleep=_note_retry,
             reraise=True,

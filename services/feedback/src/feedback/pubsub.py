@@ -14,11 +14,13 @@ from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
 
+import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
 import structlog
 from cohost.messages import FeedbackResult
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import types as ps_types
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from feedback.jobs import Delivery
 from feedback.settings import WorkerSettings
@@ -26,10 +28,29 @@ from feedback.settings import WorkerSettings
 log = structlog.get_logger(__name__)
 
 
+def subscriber_client(settings: WorkerSettings) -> pubsub_v1.SubscriberClient:
+    """A SubscriberClient that takes streaming-pull responses of any size.
+
+    Against the emulator the client library opens a bare `grpc.insecure_channel`, with
+    gRPC's default 4 MiB limit on received messages (its channel to Google sets no
+    limit). One response carries several messages, so a few requests near the 1 MiB
+    request limit overflow it: the stream is dropped and reopened, and the messages
+    come back only after their ack deadline, to fail the same way. A burst of them
+    stalled the worker (2 of 20 delivered in 150 s).
+    """
+    if not settings.pubsub_emulator_host:
+        return pubsub_v1.SubscriberClient()
+    channel = grpc.insecure_channel(
+        settings.pubsub_emulator_host,
+        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+    )
+    return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
+
+
 class PubSubSource:
     def __init__(self, settings: WorkerSettings) -> None:
         self._settings = settings
-        self._subscriber = pubsub_v1.SubscriberClient()
+        self._subscriber = subscriber_client(settings)
         self._path = self._subscriber.subscription_path(
             settings.project_id(), settings.requests_subscription
         )
@@ -45,6 +66,11 @@ class PubSubSource:
             max_messages=self._settings.max_in_flight,
             max_lease_duration=int(self._settings.max_lease_s),
             min_duration_per_lease_extension=self._settings.ack_deadline_s,
+            # Also the stream's ack deadline (the client library's default is 60 s,
+            # whatever the subscription says): what the service allows for messages it
+            # has sent and the client has not yet read, e.g. a backlog the emulator,
+            # which does not apply max_outstanding_messages, pushes all at once.
+            max_duration_per_lease_extension=self._settings.ack_deadline_s,
         )
 
         def callback(message: Any) -> None:

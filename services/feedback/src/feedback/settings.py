@@ -49,6 +49,11 @@ class WorkerSettings(BaseSettings):
     llm_timeout_s: float = Field(default=300.0, gt=0)
     temperature: float = Field(default=0.3, ge=0.0, le=2.0)
     default_max_tokens: int = Field(default=512, ge=1, le=messages.MAX_TOKENS_LIMIT)
+    # The longest token of the served model's vocabulary, in characters (vLLM calls it
+    # max_chars_per_token): 81 for SmolLM2; 128 leaves room for larger vocabularies.
+    # A prompt over max-model-len times this many characters cannot fit and is
+    # dead-lettered as text_too_long without being sent to the engine. 0: no check.
+    max_chars_per_token: int = Field(default=128, ge=0)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # How long to wait for the engine to answer /v1/models before pulling (0: forever).
     engine_wait_s: float = Field(default=0.0, ge=0.0)

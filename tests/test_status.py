@@ -1,0 +1,335 @@
+"""`cohost status` against real servers (CPU engine, worker metrics) and a fake NVML.
+
+NVML is faked at its boundary only (COHOST_FAKE_NVML, read by cohost.nvml.read);
+engines and the worker are the real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cohost import nvml, status
+from cohost.processes import Child, free_port, http_ok
+
+from .support import Engine, Project, script
+
+ROOT = Path(__file__).resolve().parents[1]
+L4_PLAN = ROOT / "deploy" / "l4.env"
+MIB = 1 << 20
+
+
+def cohost(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [script("cohost"), *args],
+        env=env if env is not None else os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+# --------------------------------------------------------------------------- metrics parsing
+
+
+def test_parse_metrics_reads_labels_escapes_and_special_values() -> None:
+    text = "\n".join(
+        [
+            "# HELP feedback_dead_lettered_total Requests sent to the dead-letter topic",
+            "# TYPE feedback_dead_lettered_total counter",
+            'feedback_dead_lettered_total{reason="invalid_json"} 3.0',
+            'feedback_dead_lettered_total{reason="too_large"} 2.0',
+            'vllm:num_requests_running{engine="0",model_name="feedback"} 4.0',
+            'weird{path="a\\"b\\\\c",le="+Inf"} +Inf 1712345678000',
+            "vllm:kv_cache_usage_perc NaN",
+            "garbage line without a value",
+        ]
+    )
+    m = status.Metrics.parse(text)
+    assert m.value("feedback_dead_lettered_total") == 5.0
+    assert m.by_label("feedback_dead_lettered_total", "reason") == {
+        "invalid_json": 3.0,
+        "too_large": 2.0,
+    }
+    assert m.value("vllm:num_requests_running", model_name="feedback") == 4.0
+    weird = next(s for s in m.samples if s.name == "weird")
+    assert weird.labels == {"path": 'a"b\\c', "le": "+Inf"}
+    assert weird.value == float("inf")
+    assert m.value("missing") is None
+
+
+# --------------------------------------------------------------------------- GPU against the plan
+
+
+def _reading(**changes: object) -> nvml.GpuReading:
+    """An L4 as deploy/l4.env plans it, with both servers at their planned size."""
+    plan = status.read_plan(L4_PLAN)[0]
+    chatbot = int(plan["CHATBOT_ENGINE_EXPECTED_PROCESS_BYTES"])
+    feedback = int(plan["FEEDBACK_ENGINE_EXPECTED_PROCESS_BYTES"])
+    processes = [
+        nvml.GpuProcess(101, chatbot - 200 * MIB, "vllm serve Qwen/Qwen2.5-7B-Instruct-AWQ "
+                        "--served-model-name chatbot --host 0.0.0.0"),
+        nvml.GpuProcess(202, feedback - 100 * MIB, "vllm serve Qwen/Qwen2.5-1.5B-Instruct "
+                        "--served-model-name feedback"),
+    ]  # fmt: skip
+    total = int(plan["COHOST_GPU_TOTAL_BYTES"])
+    used = sum(p.used_bytes for p in processes) + 300 * MIB
+    reading = nvml.GpuReading(
+        index=0,
+        name="NVIDIA L4",
+        uuid="GPU-fake",
+        total_bytes=total,
+        reserved_bytes=470 * MIB,
+        free_bytes=total - 470 * MIB - used,
+        used_bytes=used,
+        processes=processes,
+    )
+    return replace(reading, **changes)  # type: ignore[arg-type]
+
+
+def _fake(tmp_path: Path, reading: nvml.GpuReading, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "gpu.json"
+    path.write_text(reading.to_json())
+    monkeypatch.setenv("COHOST_FAKE_NVML", str(path))
+
+
+def test_gpu_within_plan_is_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake(tmp_path, _reading(), monkeypatch)
+    check = status.check_gpu(L4_PLAN)
+    assert check.state == "ok", check.summary
+    by_service = {s["service"]: s for s in check.details["services"]}
+    assert set(by_service) == {"chatbot", "feedback"}
+    assert by_service["feedback"]["used_bytes"] < by_service["feedback"]["expected_bytes"]
+    assert "NVIDIA L4" in check.summary
+    assert "plan 21,877 MiB" in check.summary
+
+
+def test_gpu_process_over_its_plan_is_unhealthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = _reading()
+    fat = replace(base.processes[1], used_bytes=base.processes[1].used_bytes + 2048 * MIB)
+    _fake(tmp_path, _reading(processes=[base.processes[0], fat]), monkeypatch)
+    check = status.check_gpu(L4_PLAN)
+    assert check.state == "unhealthy"
+    assert "feedback uses" in check.summary
+    assert "over its plan" in check.summary
+
+
+def test_gpu_of_another_size_than_planned_is_unhealthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake(tmp_path, _reading(name="NVIDIA H100", total_bytes=80 * 1024 * MIB), monkeypatch)
+    check = status.check_gpu(L4_PLAN)
+    assert check.state == "unhealthy"
+    assert "the plan is for NVIDIA L4" in check.summary
+
+
+def test_gpu_processes_of_other_containers_compare_by_total(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another container's processes: NVML gives pids and bytes, no command line.
+    base = _reading()
+    hidden = [replace(p, name="") for p in base.processes]
+    _fake(tmp_path, _reading(processes=hidden), monkeypatch)
+    assert status.check_gpu(L4_PLAN).state == "ok"
+    over = [replace(p, used_bytes=p.used_bytes + 3000 * MIB) for p in hidden]
+    used = sum(p.used_bytes for p in over) + 300 * MIB
+    _fake(tmp_path, _reading(processes=over, used_bytes=used), monkeypatch)
+    check = status.check_gpu(L4_PLAN)
+    assert check.state == "unhealthy"
+    assert "over the plan's" in check.summary
+
+
+def test_no_gpu_is_fine_without_a_plan_and_bad_with_one() -> None:
+    def no_gpu() -> nvml.GpuReading:
+        raise nvml.NvmlError("no NVIDIA driver reachable through NVML")
+
+    without = status.check_gpu(None, no_gpu)
+    assert without.state == "absent"
+    assert without.ok
+    assert "no GPU" in without.summary
+    with_plan = status.check_gpu(L4_PLAN, no_gpu)
+    assert with_plan.state == "unhealthy"
+
+
+def test_broken_fake_nvml_file_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gpu.json"
+    path.write_text("{not json")
+    monkeypatch.setenv("COHOST_FAKE_NVML", str(path))
+    check = status.check_gpu(None)
+    assert check.state == "unhealthy"
+    assert "cannot read the GPU" in check.summary
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_status_says_what_is_down_without_a_traceback() -> None:
+    env = os.environ.copy()
+    env.pop("COHOST_FAKE_NVML", None)
+    run = cohost(
+        "status", "--chatbot", dead_url(), "--feedback", dead_url(), "--worker", dead_url(),
+        "--timeout", "1", env=env,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "Traceback" not in run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    for name in ("chatbot", "feedback", "worker"):
+        line = next(ln for ln in lines if f" {name} " in ln)
+        assert "DOWN" in line
+        assert "connection refused" in line
+    assert "NOT HEALTHY: chatbot, feedback, worker" in run.stdout
+
+
+def test_status_json_when_down(tmp_path: Path) -> None:
+    env = dict(os.environ, COHOST_FAKE_NVML=str(tmp_path / "gpu.json"))
+    (tmp_path / "gpu.json").write_text(_reading().to_json())
+    run = cohost(
+        "status", "--chatbot", dead_url(), "--feedback", dead_url(), "--worker", dead_url(),
+        "--plan", str(L4_PLAN), "--json", "--timeout", "1", env=env,
+    )  # fmt: skip
+    assert run.returncode == 1
+    data = json.loads(run.stdout)
+    assert data["healthy"] is False
+    assert data["checks"]["gpu"]["state"] == "ok"
+    assert data["checks"]["feedback"]["state"] == "down"
+    assert any(p.startswith("worker:") for p in data["problems"])
+
+
+def test_watch_repeats_until_ctrl_c() -> None:
+    proc = subprocess.Popen(
+        [script("cohost"), "status", "--watch", "0.3", "--timeout", "0.5",
+         "--chatbot", dead_url(), "--feedback", dead_url(), "--worker", dead_url()],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1  # the last status printed was unhealthy
+    assert out.count("cohost status at") >= 2
+    assert "Traceback" not in out + err
+
+
+def test_worker_metrics_of_a_real_worker_waiting_for_its_engine(tmp_path: Path) -> None:
+    """A real `feedback-worker` serves its metrics before its engine answers."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        GOOGLE_CLOUD_PROJECT="status-test",
+        PUBSUB_EMULATOR_HOST=f"127.0.0.1:{free_port()}",
+        FEEDBACK_LLM_BASE_URL=f"{dead_url()}/v1",
+        FEEDBACK_METRICS_PORT=str(port),
+    )
+    worker = Child("worker", [script("feedback-worker")], log_path=tmp_path / "w.log", env=env)
+    worker.start()
+    try:
+        worker.wait_ready(http_ok(f"http://127.0.0.1:{port}/metrics"), timeout=60)
+        check = status.check_worker(f"http://127.0.0.1:{port}")
+        assert check.state == "ok", check.summary
+        assert check.details["received"] == 0
+        assert check.details["in_flight"] == 0
+        assert "not pulling yet" in check.summary
+        assert check.details["rss_bytes"] > 10 * MIB
+    finally:
+        worker.stop()
+
+
+@pytest.mark.engine
+@pytest.mark.emulator
+def test_status_of_a_running_stack(project: Project, engine: Engine, tmp_path: Path) -> None:
+    """Real engine (as both chatbot and feedback), real worker that has answered one
+    request, fake NVML with the L4 plan: healthy, exit 0, and the numbers are there."""
+    port = free_port()
+    worker = project.start_worker(engine, FEEDBACK_METRICS_PORT=str(port))
+    try:
+        publisher, collector = project.publisher(), project.collector()
+        publisher.request("status-1", "A short essay about status pages.")
+        publisher.publish(b"not json")
+        collector.wait(results={"status-1"}, dead=1, timeout=120)
+        (tmp_path / "gpu.json").write_text(_reading().to_json())
+        env = dict(os.environ, COHOST_FAKE_NVML=str(tmp_path / "gpu.json"))
+        root = engine.base_url.removesuffix("/v1")
+        run = cohost(
+            "status", "--chatbot", root, "--feedback", engine.base_url,
+            "--worker", f"http://127.0.0.1:{port}", "--plan", str(L4_PLAN), "--json", env=env,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        data = json.loads(run.stdout)
+        assert data["healthy"] is True
+        checks = data["checks"]
+        for name in ("chatbot", "feedback"):
+            details = checks[name]["details"]
+            assert checks[name]["state"] == "ok"
+            assert details["running"] == 0
+            assert details["waiting"] == 0
+            assert 0.0 <= details["kv_cache_usage"] <= 1.0
+            assert details["models"] == ["feedback"]
+        w = checks["worker"]["details"]
+        assert w["succeeded"] >= 1
+        assert w["dead_lettered_by_reason"] == {"invalid_json": 1.0}
+        assert w["concurrency_limit"] == 16
+        assert w["in_flight"] == 0
+        text = cohost(
+            "status", "--chatbot", root, "--feedback", root,
+            "--worker", f"http://127.0.0.1:{port}", env=env,
+        ).stdout  # fmt: skip
+        assert "healthy; model feedback; running 0, waiting 0, KV cache" in text
+        assert "dead-lettered 1 (invalid_json 1)" in text
+        assert text.rstrip().endswith("healthy")
+    finally:
+        assert worker.stop(timeout=60) == 0
+
+
+class _Sick(BaseHTTPRequestHandler):
+    """An engine whose /health fails while /metrics still answers (a wedged vLLM)."""
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self.send_response(503)
+            self.end_headers()
+            return
+        body = (
+            b'vllm:num_requests_running{model_name="chatbot"} 2\n'
+            b'vllm:num_requests_waiting{model_name="chatbot"} 5\n'
+            b'vllm:kv_cache_usage_perc{model_name="chatbot"} 0.42\n'
+        )
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def test_engine_whose_health_fails_is_unhealthy_not_down() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sick)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check = status.check_engine("chatbot", f"http://127.0.0.1:{server.server_port}/v1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert check.state == "unhealthy"
+    assert "/health answered 503" in check.summary
+    assert "running 2, waiting 5, KV cache 42.0%" in check.summary
+    assert check.details["url"] == f"http://127.0.0.1:{server.server_port}"
