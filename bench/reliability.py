@@ -35,6 +35,7 @@ import platform
 import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -62,7 +63,7 @@ from cohost.messages import (  # noqa: E402
     Reason,
     parse_request,
 )
-from cohost.processes import Child, free_port, tail  # noqa: E402
+from cohost.processes import Child, ChildFailed, feedback_setup, free_port, tail  # noqa: E402
 from cohost.status import Metrics, fetch_metrics  # noqa: E402
 from feedback.prompts import build_messages  # noqa: E402
 from feedback.pubsub import subscriber_client  # noqa: E402
@@ -209,17 +210,10 @@ class Stack:
 
     def setup(self) -> list[str]:
         """`feedback-worker setup`: what an operator runs after the emulator lost its state."""
-        done = subprocess.run(
-            [script("feedback-worker"), "setup"],
-            env=self.project.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise SuiteError(f"feedback-worker setup failed:\n{done.stderr[-2000:]}")
-        return done.stdout.splitlines()
+        try:
+            return feedback_setup(self.project.env)
+        except ChildFailed as exc:
+            raise SuiteError(str(exc)) from exc
 
     def engine_root(self) -> str:
         return self.engine.base_url.removesuffix("/v1")
@@ -429,8 +423,7 @@ class Tolerant(Collector):
     letters come several to a response), and riding out an emulator restart."""
 
     def __init__(self, project: Project, wait_s: float = 0.5) -> None:
-        super().__init__(project, wait_s)
-        self._client = subscriber_client(WorkerSettings())
+        super().__init__(project, wait_s, client=subscriber_client(WorkerSettings()))
         self.errors = 0
 
     def _pull(self, path: str, into: list[Received]) -> None:
@@ -1224,15 +1217,34 @@ class HostileRow:
     note: str = ""
 
 
+HOSTILE_ROUNDS = 6
+
+
 @dataclass
 class HostileOutcome:
     rows: list[HostileRow]
     repeat_failures: list[str]
-    rss_after_rounds: list[int]
+    rss_after_rounds: list[int]  # the worker's RSS once each round has settled
+    round_bytes: int  # what one round publishes
     injection_checks: list[str]
     prompt_buckets: dict[str, float]
     worker_restarts: int
     seconds: float
+
+    @property
+    def rss_slope(self) -> float:
+        """Bytes a round adds to RSS from round 2 on (round 1 may lift it to the room
+        1 MiB payloads need): the median of the pairwise slopes (Theil-Sen), which a
+        sample caught while glibc hands memory back, 10-20 MiB low, does not sway."""
+        rss = self.rss_after_rounds[1:]
+        return statistics.median(
+            (rss[j] - rss[i]) / (j - i) for i in range(len(rss)) for j in range(i + 1, len(rss))
+        )
+
+    @property
+    def rss_slope_limit(self) -> float:
+        """Half of what a round sends: a leak of even half the payloads crosses it."""
+        return self.round_bytes / 2
 
 
 def run_hostile(
@@ -1242,16 +1254,16 @@ def run_hostile(
     collector: Tolerant,
     say: Callable[[str], None],
 ) -> HostileOutcome:
-    """Each case alone, three rounds: later rounds must end the same way, and the last
-    must not raise the worker's RSS over the second (the first rounds may: the C
-    allocator keeps the room 1 MiB payloads needed, a plateau, not a leak)."""
+    """Each case alone, HOSTILE_ROUNDS rounds: later rounds must end the same way, and
+    RSS must not keep growing from round 2 on (see `HostileOutcome.rss_slope`)."""
     root = stack.engine_root()
     incarnations_before = len(supervisor.incarnations)
     started = time.monotonic()
+    cases = hostile_cases()
     rounds: list[list[HostileRow]] = []
     rss: list[int] = []
-    for round_ in (1, 2, 3):
-        rows = [_one_hostile(case, root, producer, collector) for case in hostile_cases()]
+    for round_ in range(1, HOSTILE_ROUNDS + 1):
+        rows = [_one_hostile(case, root, producer, collector) for case in cases]
         for row in rows:
             if round_ == 1 or not row.ok:
                 say(f"  hostile: {row.name}: {row.got}{' FAIL ' + row.note if not row.ok else ''}")
@@ -1267,6 +1279,7 @@ def run_hostile(
         rows=rounds[0],
         repeat_failures=repeat,
         rss_after_rounds=rss,
+        round_bytes=sum(len(case.data) for case in cases),
         injection_checks=injection_structure(root),
         prompt_buckets=EngineCounters.read(root).prompt_buckets,
         worker_restarts=len(supervisor.incarnations) - incarnations_before,
@@ -1426,11 +1439,10 @@ class Report:
                     )
             f.extend(f"hostile: {c}" for c in h.injection_checks)
             f.extend(f"hostile, second round: {c}" for c in h.repeat_failures)
-            second, third = h.rss_after_rounds[1:]
-            if third - second > 10 * MIB:
+            if h.rss_slope > h.rss_slope_limit:
                 f.append(
-                    f"hostile: worker RSS grew {(third - second) / MIB:.1f} MiB in the third "
-                    "round of the same messages"
+                    f"hostile: the worker's RSS kept growing, {h.rss_slope / MIB:.1f} MiB a "
+                    f"round of the same messages (limit {h.rss_slope_limit / MIB:.1f} MiB)"
                 )
             if h.worker_restarts:
                 f.append(f"hostile: the worker restarted {h.worker_restarts} times")
@@ -1662,12 +1674,13 @@ def render_markdown(r: Report) -> str:
               f"({d['chat_4xx']:.0f}) | {d['tokenize_calls']:.0f} | {d['bytes_to_engine']:,.0f} | "
               f"{d['prompt_tokens']:.0f} | {'yes' if row.ok else 'NO ' + row.note} |")  # fmt: skip
         w("")
-        first, second, third = h.rss_after_rounds
-        w(f"Every case ran three times; rounds 2 and 3 ended as round 1 did: "
+        after = ", ".join(_mib(b) for b in h.rss_after_rounds)
+        w(f"Every case ran {HOSTILE_ROUNDS} times; later rounds ended as round 1 did: "
           f"{'yes' if not h.repeat_failures else 'NO: ' + '; '.join(h.repeat_failures)}. "
-          f"Worker RSS after each round: {_mib(first)}, {_mib(second)}, {_mib(third)} MiB "
-          f"(third minus second: {(third - second) / MIB:+.1f} MiB; the first rounds grow "
-          "while the C allocator keeps room for the 1 MiB payloads, then it stays put).")  # fmt: skip
+          f"Worker RSS after each round: {after} MiB. Growth from round 2 on: "
+          f"{h.rss_slope / MIB:+.1f} MiB a round (median of pairwise slopes), limit "
+          f"{h.rss_slope_limit / MIB:.1f} MiB: half of the {h.round_bytes / MIB:.1f} MiB a "
+          "round sends; round 1 may lift RSS to the room 1 MiB payloads need.")  # fmt: skip
         w("")
         w("Dead-letter details:")
         w("")

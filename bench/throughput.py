@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -33,7 +32,7 @@ import openai
 import psutil
 from cohost import cpu_engine, emulator, paths
 from cohost.messages import FeedbackRequest
-from cohost.processes import Child, free_port, http_ok
+from cohost.processes import Child, feedback_setup, free_port, http_ok
 from feedback.prompts import build_messages
 from feedback.settings import DEFAULT_SYSTEM_PROMPT
 
@@ -164,10 +163,7 @@ def main() -> int:
         emulator.wait_until_started(emu)
         engine.start()
         engine.wait_ready(http_ok(f"http://127.0.0.1:{engine_port}/health"), timeout=600)
-        subprocess.run(
-            [str(Path(sys.executable).parent / "feedback-worker"), "setup"], env=env, check=True,
-            capture_output=True,
-        )  # fmt: skip
+        feedback_setup(env)
         base = f"http://127.0.0.1:{engine_port}/v1"
         asyncio.run(
             direct(base, args.concurrency * 2, args.concurrency, args.max_tokens)

@@ -8,7 +8,6 @@ own worker processes.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from cohost import cpu_engine, emulator
-from cohost.processes import free_port
+from cohost.processes import feedback_setup, free_port
 
-from .support import TEST_MODEL, Engine, Project, script
+from .support import TEST_MODEL, Engine, Project
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +55,5 @@ def project(emulator_host: str, logs: Path, monkeypatch: pytest.MonkeyPatch) -> 
     # The test process talks to the emulator too (publishing, collecting).
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator_host)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", project_id)
-    setup = subprocess.run(
-        [script("feedback-worker"), "setup"], env=env, capture_output=True, text=True, check=False
-    )
-    assert setup.returncode == 0, setup.stderr
+    feedback_setup(env)
     return Project(emulator_host, project_id, logs, env)

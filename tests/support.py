@@ -8,9 +8,13 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cohost import cpu_engine
 from cohost.processes import Child, free_port, http_ok
+
+if TYPE_CHECKING:
+    from google.cloud.pubsub_v1 import SubscriberClient
 
 # Small context so "text too long" is easy to reach; small model so it starts fast.
 ENGINE_MAX_MODEL_LEN = 1024
@@ -115,10 +119,12 @@ class Received:
 class Collector:
     """Pulls what the worker published: results and dead letters, by request id."""
 
-    def __init__(self, project: Project, wait_s: float = 5.0) -> None:
+    def __init__(
+        self, project: Project, wait_s: float = 5.0, client: SubscriberClient | None = None
+    ) -> None:
         from google.cloud import pubsub_v1
 
-        self._client = pubsub_v1.SubscriberClient()
+        self._client = client or pubsub_v1.SubscriberClient()
         self.wait_s = wait_s
         self._results = self._client.subscription_path(project.project_id, "feedback-results-sub")
         self._dead = self._client.subscription_path(

@@ -53,14 +53,17 @@ class NoEngine(EngineClient):
         return Completion("fine", "feedback", 10, 2)
 
 
-def _handle(data: bytes, engine: NoEngine, settings: WorkerSettings) -> tuple[Outcome, LocalSink]:
+def _handle(
+    data: bytes, engine: NoEngine, settings: WorkerSettings, limiter: Limiter | None = None
+) -> tuple[Outcome, LocalSink]:
     sink = LocalSink()
-    processor = Processor(settings, engine, sink, Limiter(4))
+    processor = Processor(settings, engine, sink, limiter or Limiter(4))
     source = LocalSource([], max_outstanding=1)
 
     async def run() -> Outcome:
         try:
-            return await processor.handle(LocalDelivery(data, "m-1", 1, source))
+            delivery = LocalDelivery(data, "m-1", 1, source)
+            return await asyncio.wait_for(processor.handle(delivery), timeout=10)
         finally:
             await engine.close()
 
@@ -80,6 +83,16 @@ def test_text_that_cannot_fit_the_context_is_dead_lettered_without_an_engine_cal
     assert attributes["error"] == Reason.TEXT_TOO_LONG
     assert attributes["request_id"] == "big"
     assert "not sent to the engine" in attributes["error_detail"]
+
+
+def test_text_that_cannot_fit_is_dead_lettered_without_waiting_for_an_engine_slot() -> None:
+    # Limit 0: every engine slot taken, as chat-first sharing does while chat is busy.
+    settings = WorkerSettings(project="p")
+    engine = NoEngine(settings, max_model_len=1024)
+    data = json.dumps({"text": "x" * (1024 * 128 + 1)}).encode()
+    outcome, sink = _handle(data, engine, settings, Limiter(0))
+    assert outcome is Outcome.DEAD_LETTERED
+    assert [a["error"] for _, a in sink.dead_letters] == [Reason.TEXT_TOO_LONG]
 
 
 @pytest.mark.parametrize(

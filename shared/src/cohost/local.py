@@ -9,10 +9,7 @@ reverse order; the worker first, so it can hand unfinished requests back.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -21,7 +18,14 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cohost import cpu_engine, emulator, paths
-from cohost.processes import Child, ChildFailed, http_ok, port_free
+from cohost.processes import (
+    Child,
+    ChildFailed,
+    console_script,
+    feedback_setup,
+    http_ok,
+    port_free,
+)
 
 Say = Callable[[str], None]
 
@@ -60,14 +64,6 @@ def worker_env(settings: LocalSettings) -> dict[str, str]:
         }
     )
     return env
-
-
-def _console_script(name: str) -> str:
-    # The worker is a console script of this same environment.
-    found = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
-    if found is None:
-        raise ChildFailed(f"`{name}` not found: run `uv sync` in the project first")
-    return found
 
 
 class Stack:
@@ -134,19 +130,10 @@ class Stack:
             self._start(child, http_ok(f"http://{s.host}:{port}/health"), s.engine_start_timeout_s)
         env = worker_env(s)
         self.say("creating topics and subscriptions")
-        setup = subprocess.run(
-            [_console_script("feedback-worker"), "setup"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if setup.returncode != 0:
-            raise ChildFailed(f"topic setup failed:\n{setup.stderr[-2000:]}")
+        feedback_setup(env)
         worker = Child(
             "feedback worker",
-            [_console_script("feedback-worker")],
+            [console_script("feedback-worker")],
             log_path=paths.logs_dir() / "feedback-worker.log",
             env=env,
         )

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +24,30 @@ import httpx
 
 class ChildFailed(RuntimeError):
     """A child exited or did not become ready in time."""
+
+
+def console_script(name: str) -> str:
+    """A console script of this same environment (the worker's, for instance)."""
+    found = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+    if found is None:
+        raise ChildFailed(f"`{name}` not found: run `uv sync` in the project first")
+    return found
+
+
+def feedback_setup(env: Mapping[str, str], timeout: float = 120) -> list[str]:
+    """Run `feedback-worker setup` (topics and subscriptions, idempotent) and return the
+    lines it printed; raises ChildFailed with its stderr if it fails."""
+    done = subprocess.run(
+        [console_script("feedback-worker"), "setup"],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ChildFailed(f"feedback-worker setup failed:\n{done.stderr[-2000:]}")
+    return done.stdout.splitlines()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -32,9 +32,12 @@ def _settings() -> WorkerSettings:
 
 def _run(settings: WorkerSettings) -> int:
     from feedback import metrics
+    from feedback.allocator import limit_arenas
     from feedback.pubsub import PubSubSink, PubSubSource
     from feedback.worker import SourceFailed, Worker
 
+    # Before any thread starts: arenas are handed out as threads first allocate.
+    arenas = limit_arenas(settings.malloc_arena_max)
     log = structlog.get_logger("feedback.cli")
     try:
         settings.project_id()
@@ -49,6 +52,7 @@ def _run(settings: WorkerSettings) -> int:
         subscription=settings.requests_subscription,
         max_in_flight=settings.max_in_flight,
         metrics_port=settings.metrics_port,
+        malloc_arena_max=arenas,
     )
     try:
         asyncio.run(worker.run())

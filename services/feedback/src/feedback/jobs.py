@@ -19,7 +19,6 @@ from typing import Protocol
 
 import structlog
 from cohost.messages import (
-    FeedbackRequest,
     FeedbackResult,
     InvalidRequest,
     Reason,
@@ -111,8 +110,12 @@ class Processor:
         request_id = request.request_id or delivery.message_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
+            # Checked before taking an engine slot: a text that cannot fit never waits
+            # behind real work to be dead-lettered.
+            messages = build_messages(request, self._settings.system_prompt)
+            self._engine.check_fits(messages)
             async with self._limiter:
-                completion = await self._generate(request)
+                completion = await self._generate(messages, request.max_tokens)
         except InvalidRequest as exc:
             return await self._dead_letter(delivery, exc, request_id)
         except EngineUnavailable as exc:
@@ -150,10 +153,10 @@ class Processor:
         )
         return Outcome.SUCCEEDED
 
-    async def _generate(self, request: FeedbackRequest) -> Completion:
-        messages = build_messages(request, self._settings.system_prompt)
-        self._engine.check_fits(messages)
-        max_tokens = request.max_tokens or self._settings.default_max_tokens
+    async def _generate(
+        self, messages: list[dict[str, str]], requested_max_tokens: int | None
+    ) -> Completion:
+        max_tokens = requested_max_tokens or self._settings.default_max_tokens
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(EngineUnavailable),
             wait=wait_exponential_jitter(multiplier=0.5, max=15.0),

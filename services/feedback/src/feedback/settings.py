@@ -62,6 +62,8 @@ class WorkerSettings(BaseSettings):
     # In flight at once: the engine's --max-num-seqs (the plan's env file sets both).
     max_in_flight: int = Field(default=16, ge=1, le=1024)
     max_request_bytes: int = Field(default=1_048_576, ge=1024, le=10_000_000)
+    # glibc malloc arenas (see feedback/allocator.py); 0: glibc's default, 8 per core.
+    malloc_arena_max: int = Field(default=2, ge=0, le=1024)
     # Transient engine failures are retried for this long, then the message is nacked.
     retry_budget_s: float = Field(default=120.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
