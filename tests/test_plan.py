@@ -243,6 +243,33 @@ def test_cli_plan_json_and_env_file(capsys: pytest.CaptureFixture[str], tmp_path
     )
 
 
+def test_env_file_bounds_characters_per_token_from_the_tokenizer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # The shipped folders hold config.json only: no tokenizer, no bound (the worker's default).
+    model = tmp_path / "qwen"
+    model.mkdir()
+    (model / "config.json").write_text((Path(QWEN_1_5B) / "config.json").read_text())
+    argv = ["plan", "--gpu", "L4", "--service", f"feedback={model},max_model_len=4096"]
+    env = tmp_path / "plan.env"
+    assert run_cli(capsys, *argv, "--write-env", str(env))[0] == 0
+    assert "FEEDBACK_MAX_CHARS_PER_TOKEN" not in envfile.read(env)
+    # Byte-level BPE: {token: id}, one character per byte; added tokens count too.
+    tokenizer = {
+        "model": {"type": "BPE", "vocab": {"Ġthe": 0, "=" * 40: 1, "ĠĠĠĠ": 2}},
+        "added_tokens": [{"id": 3, "content": "<|long_control_token|>" * 2}],
+    }
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert run_cli(capsys, *argv, "--write-env", str(env))[0] == 0
+    assert int(envfile.read(env)["FEEDBACK_MAX_CHARS_PER_TOKEN"]) == 44
+    # Unigram (SentencePiece): [[piece, score], ...].
+    unigram = {"model": {"type": "Unigram", "vocab": [["▁hello", -1.0], ["<0x41>", 0.0]]}}
+    (model / "tokenizer.json").write_text(json.dumps(unigram))
+    assert models.longest_token_chars(model) == 6
+    (model / "tokenizer.json").write_text("{not json")
+    assert models.longest_token_chars(model) is None
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [

@@ -1,7 +1,8 @@
 """The plan as an env file: what docker compose and the launcher read.
 
 Each vLLM service gets `<NAME>_ENGINE_*` variables (CHATBOT_ENGINE_MAX_MODEL_LEN=...);
-the worker gets FEEDBACK_MAX_IN_FLIGHT, which must equal its engine's max_num_seqs.
+the worker gets FEEDBACK_MAX_IN_FLIGHT, which must equal its engine's max_num_seqs, and
+FEEDBACK_MAX_CHARS_PER_TOKEN when the model folder has its tokenizer.json.
 The header records the command that wrote the file, so it can be checked and redone.
 """
 
@@ -64,6 +65,8 @@ def render(plan: Plan, argv: Sequence[str]) -> str:
         if s.spec.name == "feedback":
             lines.append(f"FEEDBACK_MAX_IN_FLIGHT={s.spec.max_num_seqs}")
             lines.append(f"FEEDBACK_LLM_MODEL={s.spec.name}")
+            if s.shape.max_chars_per_token is not None:
+                lines.append(f"FEEDBACK_MAX_CHARS_PER_TOKEN={s.shape.max_chars_per_token}")
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,9 @@ class ModelShape:
     # Per layer: the sliding window in tokens, or None for full attention.
     layer_windows: tuple[int | None, ...]
     weights: str  # one of WEIGHT_FORMATS, from the checkpoint's dtype / quantization_config
+    # The longest vocabulary entry in characters, from tokenizer.json when the folder has
+    # one: no token covers more, so the worker can refuse texts that cannot fit.
+    max_chars_per_token: int | None = None
 
     @property
     def known(self) -> bool:
@@ -168,4 +171,21 @@ def load(model: str) -> ModelShape:
         qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
         layer_windows=_windows(cfg, layers),
         weights=_weights(cfg),
+        max_chars_per_token=longest_token_chars(config_path.parent),
     )
+
+
+def longest_token_chars(folder: Path) -> int | None:
+    """The longest entry of tokenizer.json's vocabulary and added tokens, in characters,
+    or None without a readable one. An upper bound on the text one token covers: a
+    byte-level entry has one character per byte and a `<0x41>` byte-fallback entry stands
+    for one byte; this is how vLLM bounds it too (max_chars_per_token)."""
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text())
+        vocab = data["model"]["vocab"]
+        # BPE and WordPiece: {token: id}; Unigram: [[token, score], ...].
+        tokens = list(vocab) if isinstance(vocab, dict) else [entry[0] for entry in vocab]
+        tokens += [t["content"] for t in data.get("added_tokens") or []]
+        return max(len(t) for t in tokens if isinstance(t, str))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
