@@ -63,7 +63,14 @@ from cohost.messages import (  # noqa: E402
     Reason,
     parse_request,
 )
-from cohost.processes import Child, ChildFailed, feedback_setup, free_port, tail  # noqa: E402
+from cohost.processes import (  # noqa: E402
+    Child,
+    ChildFailed,
+    console_script,
+    feedback_setup,
+    free_port,
+    tail,
+)
 from cohost.status import Metrics, fetch_metrics  # noqa: E402
 from feedback.prompts import build_messages  # noqa: E402
 from feedback.pubsub import subscriber_client  # noqa: E402
@@ -81,7 +88,6 @@ from tests.support import (  # noqa: E402
     Project,
     Publisher,
     Received,
-    script,
 )
 
 MIB = 1 << 20
@@ -103,8 +109,8 @@ class Config:
     mixed_valid: int
     seed: int = 20261122
     window: int = 400  # unanswered requests the producer keeps published at most
-    # The subscription's ack deadline. What a SIGKILLed worker held comes back after the
-    # client library's stream ack deadline, 60 s whatever this says.
+    # The subscription's and the worker's stream ack deadline (FEEDBACK_ACK_DEADLINE_S):
+    # what a SIGKILLed worker held comes back after it.
     ack_deadline_s: int = 60
     max_tokens: int = 16
     stall_s: float = 300.0  # no new result for this long fails the phase
@@ -282,7 +288,9 @@ class Supervisor:
     def _spawn(self) -> Incarnation:
         n = len(self.incarnations) + 1
         log_path = self.stack.logs / f"{self.stack.project.project_id}-worker-{n}.log"
-        child = Child(f"worker-{n}", [script("feedback-worker")], log_path=log_path, env=self.env())
+        child = Child(
+            f"worker-{n}", [console_script("feedback-worker")], log_path=log_path, env=self.env()
+        )
         child.start()
         inc = Incarnation(n, child, started=time.time())
         with self._lock:

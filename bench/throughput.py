@@ -32,7 +32,7 @@ import openai
 import psutil
 from cohost import cpu_engine, emulator, paths
 from cohost.messages import FeedbackRequest
-from cohost.processes import Child, feedback_setup, free_port, http_ok
+from cohost.processes import Child, console_script, feedback_setup, free_port, http_ok
 from feedback.prompts import build_messages
 from feedback.settings import DEFAULT_SYSTEM_PROMPT
 
@@ -79,7 +79,7 @@ def through_pubsub(
     topic = publisher.topic_path(project, "feedback-requests")
     results = subscriber.subscription_path(project, "feedback-results-sub")
     worker = Child(
-        "worker", [str(Path(sys.executable).parent / "feedback-worker")],
+        "worker", [console_script("feedback-worker")],
         log_path=paths.logs_dir() / "bench-throughput-worker.log", env=env,
     ).start()  # fmt: skip
     try:

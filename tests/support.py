@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cohost import cpu_engine
-from cohost.processes import Child, free_port, http_ok
+from cohost.processes import Child, console_script, free_port, http_ok
 
 if TYPE_CHECKING:
     from google.cloud.pubsub_v1 import SubscriberClient
@@ -73,7 +72,7 @@ class Project:
     def start_worker(self, engine: Engine, name: str = "worker", **extra: str) -> Child:
         env = self.worker_env(engine, **extra)
         log_path = self.logs / f"{self.project_id}-{name}.log"
-        child = Child(name, [script("feedback-worker")], log_path=log_path, env=env).start()
+        child = Child(name, [console_script("feedback-worker")], log_path=log_path, env=env).start()
         child.wait_ready(lambda: '"pulling"' in _read(log_path), timeout=120)
         return child
 
@@ -82,10 +81,6 @@ class Project:
 
     def collector(self) -> Collector:
         return Collector(self)
-
-
-def script(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
 
 
 def _read(path: Path) -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from cohost.messages import FeedbackResult
+from cohost.processes import console_script
 
 from .support import ENGINE_MAX_MODEL_LEN, Engine, Project
 
@@ -135,7 +134,7 @@ def test_sigterm_mid_run_loses_nothing(project: Project, engine: Engine) -> None
 
 def test_submit_prints_result_and_reports_dead_letters(project: Project, engine: Engine) -> None:
     worker = project.start_worker(engine)
-    script = str(Path(sys.executable).parent / "feedback-worker")
+    script = console_script("feedback-worker")
     try:
         ok = subprocess.run(
             [script, "submit", "A short essay on tea.", "--max-tokens", "8", "--timeout", "120"],
@@ -164,7 +163,7 @@ def test_submit_prints_result_and_reports_dead_letters(project: Project, engine:
 
 
 def test_submit_times_out_clearly_without_a_worker(project: Project) -> None:
-    script = str(Path(sys.executable).parent / "feedback-worker")
+    script = console_script("feedback-worker")
     started = time.monotonic()
     run = subprocess.run(
         [script, "submit", "Nobody is listening.", "--timeout", "3"],

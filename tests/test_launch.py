@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from cohost import cpu_engine, nvml
 from cohost.launch import EXIT_CONFIG, EXIT_GATE_TIMEOUT, EXIT_NO_MEMORY, EXIT_WRONG_GPU
-from cohost.processes import Child, free_port, http_ok
+from cohost.processes import Child, console_script, free_port, http_ok
 
 MIB = 1 << 20
 L4_TOTAL = 23034 * MIB
-COHOST = str(Path(sys.executable).parent / "cohost")
+COHOST = console_script("cohost")
 
 
 def reading(free_mib: int, total: int = L4_TOTAL, uuid: str = "GPU-test-0") -> nvml.GpuReading:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 from cohost import nvml, status
-from cohost.processes import Child, free_port, http_ok
+from cohost.processes import Child, console_script, free_port, http_ok
 
-from .support import Engine, Project, script
+from .support import Engine, Project
 
 ROOT = Path(__file__).resolve().parents[1]
 L4_PLAN = ROOT / "deploy" / "l4.env"
@@ -31,7 +31,7 @@ def cohost(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [script("cohost"), *args],
+        [console_script("cohost"), *args],
         env=env if env is not None else os.environ.copy(),
         capture_output=True,
         text=True,
@@ -216,7 +216,7 @@ def test_status_json_when_down(tmp_path: Path) -> None:
 
 def test_watch_repeats_until_ctrl_c() -> None:
     proc = subprocess.Popen(
-        [script("cohost"), "status", "--watch", "0.3", "--timeout", "0.5",
+        [console_script("cohost"), "status", "--watch", "0.3", "--timeout", "0.5",
          "--chatbot", dead_url(), "--feedback", dead_url(), "--worker", dead_url()],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -238,7 +238,9 @@ def test_worker_metrics_of_a_real_worker_waiting_for_its_engine(tmp_path: Path) 
         FEEDBACK_LLM_BASE_URL=f"{dead_url()}/v1",
         FEEDBACK_METRICS_PORT=str(port),
     )
-    worker = Child("worker", [script("feedback-worker")], log_path=tmp_path / "w.log", env=env)
+    worker = Child(
+        "worker", [console_script("feedback-worker")], log_path=tmp_path / "w.log", env=env
+    )
     worker.start()
     try:
         worker.wait_ready(http_ok(f"http://127.0.0.1:{port}/metrics"), timeout=60)

@@ -171,14 +171,16 @@ def test_engine_failures_are_classified(exc: Exception, kind: type, reason: Reas
         assert mapped.reason == reason
 
 
-def test_malloc_arenas_are_capped_unless_the_operator_chose() -> None:
+def test_malloc_arenas_are_capped_unless_the_operator_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import platform
 
     from feedback.allocator import limit_arenas
 
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     assert limit_arenas(0) is None  # glibc's default left alone
     if platform.libc_ver()[0] == "glibc":
         assert limit_arenas(2) == 2
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MALLOC_ARENA_MAX", "4")  # glibc read it at start; it wins
-        assert limit_arenas(2) == 4
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # glibc read it at start; it wins
+    assert limit_arenas(2) == 4

@@ -12,6 +12,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from cohost import models
 from cohost.memory import MIB
 from cohost.plan import Plan, ServicePlan
 
@@ -65,8 +66,11 @@ def render(plan: Plan, argv: Sequence[str]) -> str:
         if s.spec.name == "feedback":
             lines.append(f"FEEDBACK_MAX_IN_FLIGHT={s.spec.max_num_seqs}")
             lines.append(f"FEEDBACK_LLM_MODEL={s.spec.name}")
-            if s.shape.max_chars_per_token is not None:
-                lines.append(f"FEEDBACK_MAX_CHARS_PER_TOKEN={s.shape.max_chars_per_token}")
+            # Read here only: tokenizer.json runs to megabytes, and planning loads each
+            # model's shape many times over while it searches for suggestions.
+            chars = models.longest_token_chars(Path(s.shape.source))
+            if chars is not None:
+                lines.append(f"FEEDBACK_MAX_CHARS_PER_TOKEN={chars}")
     return "\n".join(lines) + "\n"
 
 

@@ -53,9 +53,6 @@ class ModelShape:
     # Per layer: the sliding window in tokens, or None for full attention.
     layer_windows: tuple[int | None, ...]
     weights: str  # one of WEIGHT_FORMATS, from the checkpoint's dtype / quantization_config
-    # The longest vocabulary entry in characters, from tokenizer.json when the folder has
-    # one: no token covers more, so the worker can refuse texts that cannot fit.
-    max_chars_per_token: int | None = None
 
     @property
     def known(self) -> bool:
@@ -171,7 +168,6 @@ def load(model: str) -> ModelShape:
         qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
         layer_windows=_windows(cfg, layers),
         weights=_weights(cfg),
-        max_chars_per_token=longest_token_chars(config_path.parent),
     )
 
 
