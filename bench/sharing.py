@@ -38,7 +38,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 from cohost import logs  # noqa: E402
 from feedback.chatload import chat_load  # noqa: E402
-from feedback.local import LocalSink, LocalSource  # noqa: E402
+from feedback.inprocess import InProcessSink, InProcessSource  # noqa: E402
 from feedback.settings import WorkerSettings  # noqa: E402
 from feedback.worker import Worker  # noqa: E402
 
@@ -155,7 +155,7 @@ async def run_phase(
         tasks += [
             asyncio.create_task(chat_user(client, args, u, t1, samples)) for u in range(args.users)
         ]
-    sink = LocalSink()
+    sink = InProcessSink()
     worker = None
     if feedback:
         env = {
@@ -184,7 +184,7 @@ async def run_phase(
             ).encode()
             for i in range(count)
         )
-        source = LocalSource(payloads, max_outstanding=args.feedback_in_flight)
+        source = InProcessSource(payloads, max_outstanding=args.feedback_in_flight)
         worker = Worker(settings, source, sink)
         tasks.append(asyncio.create_task(worker.run()))
     timeline: list[dict[str, object]] = []

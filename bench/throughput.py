@@ -30,9 +30,19 @@ from pathlib import Path
 
 import openai
 import psutil
-from cohost import cpu_engine, emulator, paths
-from cohost.messages import FeedbackRequest
-from cohost.processes import Child, console_script, feedback_setup, free_port, http_ok
+from cohost import emulator, paths
+from cohost.cpu_engine.models import MODELS, ensure_model
+from cohost.cpu_engine.server import server_command, server_env
+from cohost.processes import (
+    Child,
+    console_script,
+    feedback_setup,
+    free_port,
+    http_ok,
+    worker_pulling,
+)
+from cohost_shared import messages
+from cohost_shared.messages import FeedbackRequest
 from feedback.prompts import build_messages
 from feedback.settings import DEFAULT_SYSTEM_PROMPT
 
@@ -76,14 +86,14 @@ def through_pubsub(
     project = env["GOOGLE_CLOUD_PROJECT"]
     publisher = pubsub_v1.PublisherClient()
     subscriber = pubsub_v1.SubscriberClient()
-    topic = publisher.topic_path(project, "feedback-requests")
-    results = subscriber.subscription_path(project, "feedback-results-sub")
+    topic = publisher.topic_path(project, messages.REQUESTS_TOPIC)
+    results = subscriber.subscription_path(project, messages.RESULTS_SUBSCRIPTION)
     worker = Child(
         "worker", [console_script("feedback-worker")],
         log_path=paths.logs_dir() / "bench-throughput-worker.log", env=env,
     ).start()  # fmt: skip
     try:
-        worker.wait_ready(lambda: '"pulling"' in worker.log_path.read_text(), timeout=120)
+        worker.wait_ready(worker_pulling(worker.log_path), timeout=120)
         cpu0, emu0 = cpu_seconds(worker.pid), cpu_seconds(emulator_pid)
         started = time.monotonic()
         futures = [
@@ -130,21 +140,21 @@ def main() -> int:
         help="FEEDBACK_ACK_DEADLINE_S for the bench's subscription and worker (see bench/README.md)",
     )
     p.add_argument("--rounds", type=int, default=2, help="direct and Pub/Sub runs, alternating")
-    p.add_argument("--model", default="smollm2-135m-instruct", choices=cpu_engine.MODELS)
+    p.add_argument("--model", default="smollm2-135m-instruct", choices=MODELS)
     p.add_argument("--out", type=Path, help="append the result as a JSON line")
     args = p.parse_args()
 
     logs = paths.logs_dir()
-    model = cpu_engine.ensure_model(args.model)
+    model = ensure_model(args.model)
     emu_port, engine_port = free_port(), free_port()
     emu = emulator.emulator_child("127.0.0.1", emu_port, log_path=logs / "bench-emulator.log")
     engine = Child(
         "engine",
-        cpu_engine.server_command(
+        server_command(
             model, port=engine_port, served_model_name="feedback",
             max_num_seqs=args.concurrency, max_model_len=2048,
         ),
-        log_path=logs / "bench-engine.log", env=cpu_engine.server_env(),
+        log_path=logs / "bench-engine.log", env=server_env(),
     )  # fmt: skip
     env = dict(
         os.environ,

@@ -14,10 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cohost import cpu_engine, emulator
+from cohost import emulator
+from cohost.cpu_engine.install import ensure_engine
+from cohost.cpu_engine.models import ensure_model
 from cohost.processes import feedback_setup, free_port
 
-from .support import TEST_MODEL, Engine, Project
+from harness.engine import TEST_MODEL, CpuServer
+from harness.pubsub import Project
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +40,10 @@ def emulator_host(logs: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def engine(logs: Path) -> Iterator[Engine]:
-    cpu_engine.ensure_engine(log=lambda line: print(line, file=sys.stderr))
-    model = cpu_engine.ensure_model(TEST_MODEL, log=lambda line: print(line, file=sys.stderr))
-    server = Engine(model, free_port(), logs / "engine.log")
+def engine(logs: Path) -> Iterator[CpuServer]:
+    ensure_engine(log=lambda line: print(line, file=sys.stderr))
+    model = ensure_model(TEST_MODEL, log=lambda line: print(line, file=sys.stderr))
+    server = CpuServer(model, free_port(), logs / "engine.log")
     server.start()
     try:
         yield server

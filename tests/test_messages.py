@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from cohost.messages import (
+from cohost_shared.messages import (
     ATTRIBUTE_VALUE_LIMIT,
     FeedbackRequest,
     InvalidRequest,

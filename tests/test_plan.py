@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 
 import pytest
-from cohost import cli, envfile, gpus, memory, models
-from cohost.memory import MIB
-from cohost.plan import PlanError, ServiceSpec, fit, make_plan
+from cohost import cli, gpus
+from cohost.plan import PlanError, ServiceSpec, envfile, fit, make_plan, memory, models
+from cohost.units import GIB, MIB
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "deploy" / "calibration"
@@ -56,11 +56,11 @@ def test_fixed_util_prediction_matches_vllm(run: dict[str, object]) -> None:
     )
     service = fit(H100, [spec]).services[0]
     fp = service.footprint
-    assert fp.weights / memory.GIB == pytest.approx(vllm["weights_gib"], rel=0.04, abs=0.01)
-    assert fp.activation_peak / memory.GIB == pytest.approx(
+    assert fp.weights / GIB == pytest.approx(vllm["weights_gib"], rel=0.04, abs=0.01)
+    assert fp.activation_peak / GIB == pytest.approx(
         vllm["peak_activation_gib"], rel=0.05, abs=0.01
     )
-    assert fp.cuda_graphs / memory.GIB == pytest.approx(vllm["cuda_graph_gib"], abs=0.02)
+    assert fp.cuda_graphs / GIB == pytest.approx(vllm["cuda_graph_gib"], abs=0.02)
     assert service.kv_cache_tokens == pytest.approx(vllm["kv_cache_tokens"], rel=0.05)
     if run.get("nvidia_smi_mib"):
         measured = float(str(run["nvidia_smi_mib"]))
@@ -84,7 +84,7 @@ def test_shipped_plans_match_the_launched_servers(run: dict[str, object]) -> Non
         logged = run[name]
         assert isinstance(logged, dict)
         # The KV cache is pinned: vLLM reports exactly the planned size and tokens.
-        kv_gib = int(plan[p + "KV_CACHE_MEMORY_BYTES"]) / memory.GIB
+        kv_gib = int(plan[p + "KV_CACHE_MEMORY_BYTES"]) / GIB
         assert logged["vllm"]["pinned_kv_gib"] == pytest.approx(kv_gib, abs=0.006)
         shape = models.load(str(MODELS / plan[p + "MODEL"].replace("/", "--")))
         tokens = memory.kv_tokens(

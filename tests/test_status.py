@@ -17,14 +17,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from cohost import nvml, status
+from cohost import nvml
 from cohost.processes import Child, console_script, free_port, http_ok
+from cohost.status import checks
+from cohost.units import MIB
 
-from .support import Engine, Project
+from harness.engine import CpuServer
+from harness.pubsub import Project
 
 ROOT = Path(__file__).resolve().parents[1]
 L4_PLAN = ROOT / "deploy" / "l4.env"
-MIB = 1 << 20
 
 
 def cohost(
@@ -44,41 +46,12 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
-# --------------------------------------------------------------------------- metrics parsing
-
-
-def test_parse_metrics_reads_labels_escapes_and_special_values() -> None:
-    text = "\n".join(
-        [
-            "# HELP feedback_dead_lettered_total Requests sent to the dead-letter topic",
-            "# TYPE feedback_dead_lettered_total counter",
-            'feedback_dead_lettered_total{reason="invalid_json"} 3.0',
-            'feedback_dead_lettered_total{reason="too_large"} 2.0',
-            'vllm:num_requests_running{engine="0",model_name="feedback"} 4.0',
-            'weird{path="a\\"b\\\\c",le="+Inf"} +Inf 1712345678000',
-            "vllm:kv_cache_usage_perc NaN",
-            "garbage line without a value",
-        ]
-    )
-    m = status.Metrics.parse(text)
-    assert m.value("feedback_dead_lettered_total") == 5.0
-    assert m.by_label("feedback_dead_lettered_total", "reason") == {
-        "invalid_json": 3.0,
-        "too_large": 2.0,
-    }
-    assert m.value("vllm:num_requests_running", model_name="feedback") == 4.0
-    weird = next(s for s in m.samples if s.name == "weird")
-    assert weird.labels == {"path": 'a"b\\c', "le": "+Inf"}
-    assert weird.value == float("inf")
-    assert m.value("missing") is None
-
-
 # --------------------------------------------------------------------------- GPU against the plan
 
 
 def _reading(**changes: object) -> nvml.GpuReading:
     """An L4 as deploy/l4.env plans it, with both servers at their planned size."""
-    plan = status.read_plan(L4_PLAN)[0]
+    plan = checks.read_plan(L4_PLAN)[0]
     chatbot = int(plan["CHATBOT_ENGINE_EXPECTED_PROCESS_BYTES"])
     feedback = int(plan["FEEDBACK_ENGINE_EXPECTED_PROCESS_BYTES"])
     processes = [
@@ -110,7 +83,7 @@ def _fake(tmp_path: Path, reading: nvml.GpuReading, monkeypatch: pytest.MonkeyPa
 
 def test_gpu_within_plan_is_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake(tmp_path, _reading(), monkeypatch)
-    check = status.check_gpu(L4_PLAN)
+    check = checks.check_gpu_memory(L4_PLAN)
     assert check.state == "ok", check.summary
     by_service = {s["service"]: s for s in check.details["services"]}
     assert set(by_service) == {"chatbot", "feedback"}
@@ -125,7 +98,7 @@ def test_gpu_process_over_its_plan_is_unhealthy(
     base = _reading()
     fat = replace(base.processes[1], used_bytes=base.processes[1].used_bytes + 2048 * MIB)
     _fake(tmp_path, _reading(processes=[base.processes[0], fat]), monkeypatch)
-    check = status.check_gpu(L4_PLAN)
+    check = checks.check_gpu_memory(L4_PLAN)
     assert check.state == "unhealthy"
     assert "feedback uses" in check.summary
     assert "over its plan" in check.summary
@@ -135,7 +108,7 @@ def test_gpu_of_another_size_than_planned_is_unhealthy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _fake(tmp_path, _reading(name="NVIDIA H100", total_bytes=80 * 1024 * MIB), monkeypatch)
-    check = status.check_gpu(L4_PLAN)
+    check = checks.check_gpu_memory(L4_PLAN)
     assert check.state == "unhealthy"
     assert "the plan is for NVIDIA L4" in check.summary
 
@@ -147,11 +120,11 @@ def test_gpu_processes_of_other_containers_compare_by_total(
     base = _reading()
     hidden = [replace(p, name="") for p in base.processes]
     _fake(tmp_path, _reading(processes=hidden), monkeypatch)
-    assert status.check_gpu(L4_PLAN).state == "ok"
+    assert checks.check_gpu_memory(L4_PLAN).state == "ok"
     over = [replace(p, used_bytes=p.used_bytes + 3000 * MIB) for p in hidden]
     used = sum(p.used_bytes for p in over) + 300 * MIB
     _fake(tmp_path, _reading(processes=over, used_bytes=used), monkeypatch)
-    check = status.check_gpu(L4_PLAN)
+    check = checks.check_gpu_memory(L4_PLAN)
     assert check.state == "unhealthy"
     assert "over the plan's" in check.summary
 
@@ -160,11 +133,11 @@ def test_no_gpu_is_fine_without_a_plan_and_bad_with_one() -> None:
     def no_gpu() -> nvml.GpuReading:
         raise nvml.NvmlError("no NVIDIA driver reachable through NVML")
 
-    without = status.check_gpu(None, no_gpu)
+    without = checks.check_gpu_memory(None, no_gpu)
     assert without.state == "absent"
     assert without.ok
     assert "no GPU" in without.summary
-    with_plan = status.check_gpu(L4_PLAN, no_gpu)
+    with_plan = checks.check_gpu_memory(L4_PLAN, no_gpu)
     assert with_plan.state == "unhealthy"
 
 
@@ -174,7 +147,7 @@ def test_broken_fake_nvml_file_is_reported_not_raised(
     path = tmp_path / "gpu.json"
     path.write_text("{not json")
     monkeypatch.setenv("COHOST_FAKE_NVML", str(path))
-    check = status.check_gpu(None)
+    check = checks.check_gpu_memory(None)
     assert check.state == "unhealthy"
     assert "cannot read the GPU" in check.summary
 
@@ -220,9 +193,21 @@ def test_watch_repeats_until_ctrl_c() -> None:
          "--chatbot", dead_url(), "--feedback", dead_url(), "--worker", dead_url()],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(4)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    # Signal only once two frames are out: on a busy machine the interpreter may still be
+    # starting after a fixed sleep, and a SIGINT then is not what this test is about.
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
+    reader.start()
+    deadline = time.monotonic() + 120
+    while sum("cohost status at" in line for line in lines) < 2:
+        assert time.monotonic() < deadline, "no two status frames within 120 s"
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    reader.join(timeout=30)
+    out, err = "".join(lines), proc.stderr.read() if proc.stderr else ""
     assert proc.returncode == 1  # the last status printed was unhealthy
     assert out.count("cohost status at") >= 2
     assert "Traceback" not in out + err
@@ -244,7 +229,7 @@ def test_worker_metrics_of_a_real_worker_waiting_for_its_engine(tmp_path: Path) 
     worker.start()
     try:
         worker.wait_ready(http_ok(f"http://127.0.0.1:{port}/metrics"), timeout=60)
-        check = status.check_worker(f"http://127.0.0.1:{port}")
+        check = checks.check_worker(f"http://127.0.0.1:{port}")
         assert check.state == "ok", check.summary
         assert check.details["received"] == 0
         assert check.details["in_flight"] == 0
@@ -256,7 +241,7 @@ def test_worker_metrics_of_a_real_worker_waiting_for_its_engine(tmp_path: Path) 
 
 @pytest.mark.engine
 @pytest.mark.emulator
-def test_status_of_a_running_stack(project: Project, engine: Engine, tmp_path: Path) -> None:
+def test_status_of_a_running_stack(project: Project, engine: CpuServer, tmp_path: Path) -> None:
     """Real engine (as both chatbot and feedback), real worker that has answered one
     request, fake NVML with the L4 plan: healthy, exit 0, and the numbers are there."""
     port = free_port()
@@ -327,7 +312,7 @@ def test_engine_whose_health_fails_is_unhealthy_not_down() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        check = status.check_engine("chatbot", f"http://127.0.0.1:{server.server_port}/v1")
+        check = checks.check_engine("chatbot", f"http://127.0.0.1:{server.server_port}/v1")
     finally:
         server.shutdown()
         server.server_close()

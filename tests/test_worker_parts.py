@@ -7,7 +7,7 @@ import asyncio
 import httpx2 as httpx
 import openai
 import pytest
-from cohost.messages import FeedbackRequest, InvalidRequest, Reason
+from cohost_shared.messages import FeedbackRequest, InvalidRequest, Reason
 from feedback.chatload import Policy, chat_load
 from feedback.engine import EngineUnavailable, classify
 from feedback.limiter import Limiter

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ops" / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpuhost

@@ -17,11 +17,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import dummy
+
 VLLM_MAIN = (
     "import sys; from vllm.entrypoints.cli.main import main; sys.argv=['vllm']+sys.argv[1:]; main()"
 )
-DUMMY_MODEL = Path(__file__).resolve().parents[2] / ".gpu" / "dummy-model.py"
-MIB = 1 << 20
+ROOT = Path(__file__).resolve().parents[2]
+# Real config.json files of the architectures the calibration runs use.
+CONFIGS = ROOT / "deploy" / "calibration" / "models"
 
 
 def vllm_serve_argv(model_dir: Path, port: int, *flags: str) -> list[str]:
@@ -29,17 +32,12 @@ def vllm_serve_argv(model_dir: Path, port: int, *flags: str) -> list[str]:
 
 
 def make_models(root: Path, archs: list[str]) -> dict[str, Path]:
-    """Weightless model folders (real shapes) for --load-format dummy; '-awq' adds AWQ."""
-    base = sorted({a.removesuffix("-awq") for a in archs})
-    subprocess.run([sys.executable, str(DUMMY_MODEL), str(root), *base], check=True)
+    """Weightless model folders (real shapes, from deploy/calibration/models/ARCH) for
+    --load-format dummy; an '-awq' suffix makes the AWQ variant of ARCH."""
     out = {}
     for arch in archs:
-        folder = root / arch
+        folder = dummy.make(CONFIGS / arch.removesuffix("-awq") / "config.json", root / arch)
         if arch.endswith("-awq"):
-            src = root / arch.removesuffix("-awq")
-            folder.mkdir(parents=True, exist_ok=True)
-            for f in src.iterdir():
-                (folder / f.name).write_bytes(f.read_bytes())
             cfg = json.loads((folder / "config.json").read_text())
             cfg["torch_dtype"] = "float16"
             cfg["quantization_config"] = {

@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "shared" / "src"))
+for sub in ("ops/src", "shared/src"):
+    sys.path.insert(0, str(ROOT / sub))
 
-from cohost import envfile, gpus, memory  # noqa: E402
-from cohost.plan import ServiceSpec, fit  # noqa: E402
+from cohost import gpus  # noqa: E402
+from cohost.plan import ServiceSpec, envfile, fit  # noqa: E402
+from cohost.units import GIB, MIB  # noqa: E402
 
-GIB = memory.GIB
-MIB = memory.MIB
 RESULTS = ROOT / "bench" / "gpu" / "results"
 
 

@@ -23,13 +23,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "shared" / "src"))
+for sub in ("ops/src", "shared/src"):
+    sys.path.insert(0, str(ROOT / sub))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dummy  # noqa: E402
 import gpuhost  # noqa: E402
-from cohost import envfile, gpus, vllm_log  # noqa: E402
-from cohost.envfile import prefix  # noqa: E402
+from cohost import gpus, vllm_log  # noqa: E402
+from cohost.plan import envfile  # noqa: E402
+from cohost.plan.envfile import prefix  # noqa: E402
 
 SERVICES = ("chatbot", "feedback")
 BALLAST = """
@@ -110,7 +112,9 @@ def main() -> int:
 
     base = dict(os.environ)
     base["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
-    base["PYTHONPATH"] = f"{ROOT / 'shared' / 'src'}:{base.get('PYTHONPATH', '')}"
+    base["PYTHONPATH"] = (
+        f"{ROOT / 'ops' / 'src'}:{ROOT / 'shared' / 'src'}:{base.get('PYTHONPATH', '')}"
+    )
     base.update(plan)
     base["COHOST_LOCK_DIR"] = "/tmp/cohost-locks"
     if args.emulate:

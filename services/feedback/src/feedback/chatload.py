@@ -19,12 +19,12 @@ time, then ramps up as if idle (a dead chatbot needs no protection).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass
 
-import httpx
+import httpx2
 import structlog
+from cohost_shared.metrics import Metrics
 
 from feedback import metrics
 from feedback.limiter import Limiter
@@ -32,17 +32,10 @@ from feedback.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
-_GAUGE = re.compile(
-    r"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.MULTILINE
-)
-
 
 def chat_load(exposition: str) -> int | None:
     """Running + waiting chat requests from a vLLM /metrics page (None if absent)."""
-    found = _GAUGE.findall(exposition)
-    if not found:
-        return None
-    return round(sum(float(value) for _, value in found))
+    return Metrics.parse(exposition).vllm_load()
 
 
 @dataclass
@@ -88,7 +81,7 @@ class ChatFirst:
     async def run(self) -> None:
         log.info("chat_first_on", url=self._url, full=self._policy.full, floor=self._policy.floor)
         unreadable = False
-        async with httpx.AsyncClient(timeout=max(self._poll_s, 1.0)) as client:
+        async with httpx2.AsyncClient(timeout=max(self._poll_s, 1.0)) as client:
             while True:
                 load: int | None
                 try:
@@ -98,7 +91,7 @@ class ChatFirst:
                     if unreadable:
                         log.info("chat_metrics_readable")
                     unreadable = False
-                except httpx.HTTPError as exc:
+                except httpx2.HTTPError as exc:
                     load = None
                     if not unreadable:
                         log.warning("chat_metrics_unreadable", error=str(exc))

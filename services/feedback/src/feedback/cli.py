@@ -12,8 +12,9 @@ import asyncio
 import sys
 
 import structlog
-from cohost import logs
-from cohost.messages import FeedbackRequest
+from cohost_shared import logs
+from cohost_shared.messages import FeedbackRequest
+from cohost_shared.settings import env_errors
 from pydantic import ValidationError
 
 from feedback.settings import WorkerSettings
@@ -23,11 +24,7 @@ def _settings() -> WorkerSettings:
     try:
         return WorkerSettings()
     except ValidationError as exc:
-        lines = [
-            f"  FEEDBACK_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            for e in exc.errors()
-        ]
-        sys.exit("invalid settings:\n" + "\n".join(lines))
+        sys.exit("invalid settings:\n" + "\n".join(env_errors(exc, "FEEDBACK_")))
 
 
 def _run(settings: WorkerSettings) -> int:
@@ -43,7 +40,14 @@ def _run(settings: WorkerSettings) -> int:
         settings.project_id()
     except ValueError as exc:
         sys.exit(str(exc))
-    metrics.serve(settings.metrics_host, settings.metrics_port)
+    try:
+        metrics.serve(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        sys.exit(
+            f"feedback-worker: cannot serve metrics on {settings.metrics_host}:"
+            f"{settings.metrics_port} ({exc.strerror or exc}); stop what holds it, or set "
+            "FEEDBACK_METRICS_PORT to another port (0: no metrics server)"
+        )
     worker = Worker(settings, PubSubSource(settings), PubSubSink(settings))
     log.info(
         "worker_starting",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from cohost.messages import FeedbackRequest, FeedbackResult
+from cohost_shared.messages import FeedbackRequest, FeedbackResult
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import types as ps_types

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 import structlog
-from cohost.messages import InvalidRequest, Reason
+from cohost_shared.messages import InvalidRequest, Reason
 
 from feedback.settings import WorkerSettings
 
@@ -73,7 +73,7 @@ def _error_message(exc: openai.APIStatusError) -> str:
     return str(exc.message)
 
 
-class Engine:
+class EngineClient:
     def __init__(self, settings: WorkerSettings) -> None:
         self._settings = settings
         self._client = openai.AsyncOpenAI(
@@ -85,7 +85,7 @@ class Engine:
         self.max_model_len: int | None = None
         # vLLM's /tokenize lives at the server root, not under /v1.
         root = settings.llm_base_url.rstrip("/").removesuffix("/v1")
-        self._http = httpx.AsyncClient(
+        self._http = httpx2.AsyncClient(
             base_url=root,
             headers={"Authorization": f"Bearer {settings.api_key()}"},
             timeout=30.0,
@@ -141,7 +141,7 @@ class Engine:
             response.raise_for_status()
             body = response.json()
             return int(body["max_model_len"]) - int(body["count"])
-        except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+        except (httpx2.HTTPError, KeyError, TypeError, ValueError) as exc:
             log.warning("tokenize_failed", error=str(exc))
             return None
 

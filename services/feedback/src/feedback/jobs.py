@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Protocol
 
 import structlog
-from cohost.messages import (
+from cohost_shared.messages import (
     FeedbackResult,
     InvalidRequest,
     Reason,
@@ -36,7 +36,7 @@ from tenacity import (
 )
 
 from feedback import metrics
-from feedback.engine import Completion, Engine, EngineUnavailable
+from feedback.engine import Completion, EngineClient, EngineUnavailable
 from feedback.limiter import Limiter
 from feedback.prompts import build_messages
 from feedback.settings import WorkerSettings
@@ -73,7 +73,7 @@ class Outcome(StrEnum):
 
 class Processor:
     def __init__(
-        self, settings: WorkerSettings, engine: Engine, sink: Sink, limiter: Limiter
+        self, settings: WorkerSettings, engine: EngineClient, sink: Sink, limiter: Limiter
     ) -> None:
         self._settings = settings
         self._engine = engine

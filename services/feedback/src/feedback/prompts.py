@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from cohost.messages import FeedbackRequest
+from cohost_shared.messages import FeedbackRequest
 
 OPEN, CLOSE = "<text>", "</text>"
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
 import structlog
-from cohost.messages import FeedbackResult
+from cohost_shared.logs import WORKER_READY_EVENT
+from cohost_shared.messages import FeedbackResult
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import types as ps_types
@@ -85,7 +86,9 @@ class PubSubSource:
 
         future.add_done_callback(done)
         self._future = future
-        log.info("pulling", subscription=self._path, max_in_flight=self._settings.max_in_flight)
+        log.info(
+            WORKER_READY_EVENT, subscription=self._path, max_in_flight=self._settings.max_in_flight
+        )
 
     async def close(self) -> None:
         """Stop the stream; acks and nacks already issued are flushed first."""

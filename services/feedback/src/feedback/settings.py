@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from cohost import messages
+from cohost_shared import endpoints, messages
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -35,15 +35,15 @@ class WorkerSettings(BaseSettings):
     results_topic: str = messages.RESULTS_TOPIC
     dead_letter_topic: str = messages.DEAD_LETTER_TOPIC
     # Subscriptions `setup` creates so results and dead letters are kept until read.
-    results_subscription: str = "feedback-results-sub"
-    dead_letter_subscription: str = "feedback-requests-dead-letter-sub"
+    results_subscription: str = messages.RESULTS_SUBSCRIPTION
+    dead_letter_subscription: str = messages.DEAD_LETTER_SUBSCRIPTION
     max_delivery_attempts: int = Field(default=messages.MAX_DELIVERY_ATTEMPTS, ge=5, le=100)
     ack_deadline_s: int = Field(default=60, ge=10, le=600)
     # Leases are extended automatically up to this; well above the slowest generation.
     max_lease_s: float = Field(default=3600.0, ge=60.0)
 
     # The engine (its own vLLM server, OpenAI API over HTTP)
-    llm_base_url: str = "http://127.0.0.1:8002/v1"
+    llm_base_url: str = f"{endpoints.FEEDBACK_ENGINE_URL}/v1"
     llm_model: str = "feedback"
     llm_api_key: SecretStr | None = None
     llm_timeout_s: float = Field(default=300.0, gt=0)
@@ -80,7 +80,8 @@ class WorkerSettings(BaseSettings):
 
     # Observability
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
-    metrics_port: int = Field(default=9100, ge=0, le=65535)  # 0: no metrics server
+    # 0: no metrics server
+    metrics_port: int = Field(default=endpoints.WORKER_METRICS_PORT, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
 

@@ -16,7 +16,7 @@ import structlog
 
 from feedback import metrics
 from feedback.chatload import ChatFirst
-from feedback.engine import Engine
+from feedback.engine import EngineClient
 from feedback.jobs import Delivery, Outcome, Processor, Sink
 from feedback.limiter import Limiter
 from feedback.settings import WorkerSettings
@@ -40,12 +40,16 @@ class SourceFailed(RuntimeError):
 
 class Worker:
     def __init__(
-        self, settings: WorkerSettings, source: Source, sink: Sink, engine: Engine | None = None
+        self,
+        settings: WorkerSettings,
+        source: Source,
+        sink: Sink,
+        engine: EngineClient | None = None,
     ) -> None:
         self.settings = settings
         self.source = source
         self.sink = sink
-        self.engine = engine or Engine(settings)
+        self.engine = engine or EngineClient(settings)
         self.limiter = Limiter(settings.max_in_flight)
         self.processor = Processor(settings, self.engine, sink, self.limiter)
         self._tasks: set[asyncio.Task[Outcome]] = set()

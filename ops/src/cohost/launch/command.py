@@ -1,0 +1,41 @@
+"""The vLLM command line the plan asks for, and the environment it runs in."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+
+from cohost.launch.settings import EngineSettings
+
+
+def vllm_argv(settings: EngineSettings, service: str, util: float) -> list[str]:
+    argv = shlex.split(settings.command)
+    # `vllm serve` takes the model as its positional argument (--model is deprecated
+    # there); the api_server module only knows --model.
+    argv += [settings.model] if argv[-1] == "serve" else ["--model", settings.model]
+    argv += [
+        "--served-model-name", settings.served_model_name or service,
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--gpu-memory-utilization", f"{util:.4f}",
+        "--max-model-len", str(settings.max_model_len),
+        "--max-num-seqs", str(settings.max_num_seqs),
+    ]  # fmt: skip
+    if settings.kv_cache_memory_bytes:
+        argv += ["--kv-cache-memory-bytes", str(settings.kv_cache_memory_bytes)]
+    if settings.max_num_batched_tokens:
+        argv += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
+    if settings.kv_cache_dtype != "auto":
+        argv += ["--kv-cache-dtype", settings.kv_cache_dtype]
+    if settings.chat_template:
+        argv += ["--chat-template", settings.chat_template]
+    argv += shlex.split(settings.extra_args)
+    return argv
+
+
+def vllm_env(settings: EngineSettings, base: Mapping[str, str]) -> dict[str, str]:
+    env = dict(base)
+    if settings.api_key is not None:
+        # vLLM reads VLLM_API_KEY; kept out of argv so `ps` does not show it.
+        env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
+    return env

@@ -1,0 +1,56 @@
+"""`cohost launch SERVICE`: preflight, wait for the start gate, then exec vLLM.
+
+Every vLLM container runs this instead of `vllm serve`. It
+
+1. reads the service's planned settings (`<SERVICE>_ENGINE_*`, from the plan's env file);
+2. checks through NVML that the GPU is the one planned for;
+3. takes the GPU's start gate (`gate`), so servers start strictly one at a time;
+4. checks that the whole server (its plan's process memory) fits in what is free now,
+   and refuses with what holds the memory and what to change otherwise;
+5. execs vLLM with the planned flags, so vLLM gets the container's signals directly.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import NoReturn
+
+from cohost import nvml
+from cohost.launch import gate, preflight, settings
+from cohost.launch.command import vllm_argv, vllm_env
+from cohost.launch.exits import EXIT_WRONG_GPU, Refusal, say
+from cohost.units import MIB
+
+
+def run(service: str) -> NoReturn:
+    try:
+        planned = settings.load(service)
+        try:
+            reading = nvml.read(planned.gpu_index)
+        except nvml.NvmlError as exc:
+            raise Refusal(EXIT_WRONG_GPU, f"cannot read GPU {planned.gpu_index}: {exc}") from None
+        preflight.check_card(planned, reading)
+        fd = gate.take(service, planned, reading)
+        # Read again: what was free before the gate is stale once the server before us is up.
+        reading = nvml.read(planned.gpu_index)
+        util = preflight.utilization(planned, reading)
+        try:
+            preflight.check_memory(service, planned, reading, util)
+        except Refusal:
+            os.close(fd)
+            raise
+    except Refusal as refusal:
+        say(service, refusal.message)
+        sys.exit(refusal.code)
+    argv = vllm_argv(planned, service, util)
+    env = vllm_env(planned, os.environ)
+    say(
+        service,
+        f"GPU {reading.name}: {reading.free_bytes // MIB:,} MiB free; util {util:.4f} of "
+        f"{reading.cuda_total_bytes // MIB:,} MiB; starting: {shlex.join(argv)}",
+    )
+    gate.keep_until_healthy(fd, service, planned.port, planned.health_timeout_s)
+    os.close(fd)
+    os.execvpe(argv[0], argv, env)

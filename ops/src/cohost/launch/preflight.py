@@ -1,0 +1,54 @@
+"""Before vLLM starts: is this the planned card, and is the whole server's memory free?"""
+
+from __future__ import annotations
+
+import math
+
+from cohost import gpus, nvml
+from cohost.launch.exits import EXIT_NO_MEMORY, EXIT_WRONG_GPU, Refusal
+from cohost.launch.settings import EngineSettings
+from cohost.plan import memory
+from cohost.units import MIB
+
+
+def check_card(settings: EngineSettings, reading: nvml.GpuReading) -> None:
+    planned = settings.planned_gpu_total_bytes
+    if planned is None or settings.allow_other_gpu:
+        return
+    if not gpus.same_card(reading.total_bytes, planned):
+        raise Refusal(
+            EXIT_WRONG_GPU,
+            f"this GPU is {reading.name} with {reading.total_bytes // MIB:,} MiB, but the plan "
+            f"is for {settings.planned_gpu_name or 'another card'} with {planned // MIB:,} MiB. "
+            "Re-plan for this card (`cohost plan --gpu ...` or without --gpu to detect it), or "
+            "set COHOST_ALLOW_OTHER_GPU=1 when emulating the planned card on a bigger one.",
+        )
+
+
+def utilization(settings: EngineSettings, reading: nvml.GpuReading) -> float:
+    """The planned budget as a fraction of THIS card's CUDA total (vLLM's denominator)."""
+    if settings.budget_bytes is None:
+        return settings.gpu_memory_utilization
+    return memory.utilization(settings.budget_bytes, reading.cuda_total_bytes)
+
+
+def check_memory(
+    service: str, settings: EngineSettings, reading: nvml.GpuReading, util: float
+) -> None:
+    needed = settings.expected_process_bytes or math.ceil(util * reading.cuda_total_bytes)
+    if reading.free_bytes >= needed:
+        return
+    holders = sorted(reading.processes, key=lambda p: -p.used_bytes)
+    lines = [
+        f"  pid {p.pid:>7}  {p.used_bytes // MIB:>8,} MiB  {p.name or '(in another container)'}"
+        for p in holders
+    ] or ["  (NVML lists no processes: memory may be held outside this container's view)"]
+    raise Refusal(
+        EXIT_NO_MEMORY,
+        f"refusing to start {service}: GPU {reading.index} ({reading.name}) has "
+        f"{reading.free_bytes // MIB:,} MiB free, this server needs {needed // MIB:,} MiB "
+        "(its planned process memory).\nHolding GPU memory now:\n"
+        + "\n".join(lines)
+        + "\nStop what should not be there, or re-plan for what is free: "
+        f"cohost plan --gpu-memory-mib {reading.total_bytes // MIB} --service ...",
+    )

@@ -1,0 +1,61 @@
+"""One vLLM service's planned settings: `<SERVICE>_ENGINE_*` and the `COHOST_*` shared by
+every launcher of a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cohost_shared.settings import env_errors
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cohost.launch.exits import EXIT_CONFIG, Refusal
+from cohost.plan.envfile import prefix
+
+
+class EngineSettings(BaseSettings):
+    """One vLLM service's planned settings; the prefix is `<SERVICE>_ENGINE_`."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    model: str
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"  # noqa: S104 - the server is reached from other containers
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key: SecretStr | None = None
+    gpu_memory_utilization: float = Field(gt=0, le=1)
+    kv_cache_memory_bytes: int | None = Field(default=None, gt=0)
+    budget_bytes: int | None = Field(default=None, gt=0)
+    expected_process_bytes: int | None = Field(default=None, gt=0)
+    max_model_len: int = Field(ge=16)
+    max_num_seqs: int = Field(ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    kv_cache_dtype: str = "auto"
+    chat_template: str | None = None
+    extra_args: str = ""  # more vLLM flags, shell-quoted
+    command: str = "vllm serve"  # how to run vLLM, shell-quoted
+    gpu_index: int = Field(default=0, ge=0)
+
+    planned_gpu_name: str | None = Field(default=None, validation_alias="COHOST_GPU_NAME")
+    planned_gpu_total_bytes: int | None = Field(
+        default=None, validation_alias="COHOST_GPU_TOTAL_BYTES"
+    )
+    lock_dir: Path = Field(default=Path("/var/lock/cohost"), validation_alias="COHOST_LOCK_DIR")
+    gate_timeout_s: float = Field(default=1800.0, gt=0, validation_alias="COHOST_GATE_TIMEOUT_S")
+    health_timeout_s: float = Field(
+        default=1800.0, gt=0, validation_alias="COHOST_HEALTH_TIMEOUT_S"
+    )
+    # For emulating a smaller card on a bigger one (memory held by a ballast process).
+    allow_other_gpu: bool = Field(default=False, validation_alias="COHOST_ALLOW_OTHER_GPU")
+
+
+def load(service: str) -> EngineSettings:
+    try:
+        return EngineSettings(_env_prefix=prefix(service))  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise Refusal(
+            EXIT_CONFIG,
+            f"the plan for {service!r} is missing or invalid:\n"
+            + "\n".join(env_errors(exc, prefix(service)))
+            + "\nLoad the plan's env file (deploy/*.env) into the environment.",
+        ) from None

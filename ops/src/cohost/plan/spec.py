@@ -1,0 +1,86 @@
+"""What the operator asks for, per service: `--service NAME=MODEL[,key=value...]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_NUM_SEQS = 16
+DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_BATCHED_TOKENS = 2048
+
+
+class PlanError(ValueError):
+    """Input the planner cannot work with (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    model: str
+    max_model_len: int | None = None
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS
+    util: float | None = None
+    weights: str | None = None
+    kv_cache_dtype: str = "auto"
+    serve: str | None = None  # what vLLM loads (HF id or path); default: model
+
+    @classmethod
+    def parse(cls, text: str) -> ServiceSpec:
+        """NAME=MODEL[,max_model_len=N][,max_num_seqs=N][,util=F][,weights=W][,kv=fp8]..."""
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest:
+            raise PlanError(f"--service {text!r}: expected NAME=MODEL[,key=value...]")
+        model, *options = rest.split(",")
+        values: dict[str, str] = {}
+        for option in options:
+            key, eq, value = option.partition("=")
+            if not eq or not value:
+                raise PlanError(f"--service {name}: {option!r} is not key=value")
+            values[key.strip()] = value.strip()
+        fields: dict[str, object] = {"name": name.strip(), "model": model.strip()}
+        ints = {
+            "max_model_len": "max_model_len",
+            "max_num_seqs": "max_num_seqs",
+            "max_num_batched_tokens": "max_num_batched_tokens",
+            "batched_tokens": "max_num_batched_tokens",
+        }
+        for key, value in values.items():
+            try:
+                if key in ints:
+                    fields[ints[key]] = int(value)
+                elif key == "util":
+                    fields["util"] = float(value)
+                elif key == "weights":
+                    fields["weights"] = value
+                elif key in ("kv", "kv_cache_dtype"):
+                    fields["kv_cache_dtype"] = value
+                elif key == "serve":
+                    fields["serve"] = value
+                else:
+                    raise PlanError(
+                        f"--service {name}: unknown key {key!r} (max_model_len, max_num_seqs, "
+                        "util, weights, kv, batched_tokens, serve)"
+                    )
+            except ValueError as exc:
+                if isinstance(exc, PlanError):
+                    raise
+                raise PlanError(f"--service {name}: {key}={value!r} is not a number") from None
+        return cls(**fields)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        parts = [f"{self.name}={self.model}"]
+        if self.max_model_len:
+            parts.append(f"max_model_len={self.max_model_len}")
+        parts.append(f"max_num_seqs={self.max_num_seqs}")
+        if self.max_num_batched_tokens != DEFAULT_BATCHED_TOKENS:
+            parts.append(f"batched_tokens={self.max_num_batched_tokens}")
+        if self.util is not None:
+            parts.append(f"util={self.util}")
+        if self.weights:
+            parts.append(f"weights={self.weights}")
+        if self.kv_cache_dtype != "auto":
+            parts.append(f"kv={self.kv_cache_dtype}")
+        if self.serve:
+            parts.append(f"serve={self.serve}")
+        return ",".join(parts)

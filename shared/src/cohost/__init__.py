@@ -1,1 +1,0 @@
-"""Common code of the cohost project: messages, logging, GPU planning, launcher."""
