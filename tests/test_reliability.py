@@ -1,7 +1,7 @@
-"""The reliability suite (bench/reliability.py): its short run on the real stack, and the
+"""The reliability suite (bench/reliability/): its short run on the real stack, and the
 worker fixes it led to, tested on their own.
 
-The short run is what CI gets of `uv run python bench/reliability.py --full`: the same
+The short run is what CI gets of `uv run python -m bench.reliability --full`: the same
 faults (worker SIGKILLs, an engine restart, an emulator restart), the same kinds of
 generated malformed payloads and the same hostile cases, on fewer messages.
 """
@@ -10,32 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cohost.messages import InvalidRequest, Reason, parse_request
-from feedback.engine import Completion
-from feedback.engine import Engine as EngineClient
+from cohost_shared.messages import InvalidRequest, Reason, parse_request
+from feedback.engine import Completion, EngineClient
+from feedback.inprocess import InProcessDelivery, InProcessSink, InProcessSource
 from feedback.jobs import Outcome, Processor
 from feedback.limiter import Limiter
-from feedback.local import LocalDelivery, LocalSink, LocalSource
 from feedback.prompts import build_messages
 from feedback.settings import WorkerSettings
 from hypothesis import HealthCheck, given, settings
 
-from bench import reliability
-from bench.reliability import (
+from bench.reliability.config import (
     EMULATOR_RESTART,
     ENGINE_RESTART,
+    FULL,
+    MAX_REQUEST_BYTES,
     SHORT,
     WORKER_KILL,
-    Payload,
     fault_plan,
-    malformed_payload,
 )
-
-from .support import ENGINE_MAX_MODEL_LEN, Engine
+from bench.reliability.payloads import Payload, malformed_payload
+from bench.reliability.suite import run_suite
+from harness.engine import ENGINE_MAX_MODEL_LEN, CpuServer
 
 # --------------------------------------------------------------------------- worker fixes
 
@@ -55,14 +55,14 @@ class NoEngine(EngineClient):
 
 def _handle(
     data: bytes, engine: NoEngine, settings: WorkerSettings, limiter: Limiter | None = None
-) -> tuple[Outcome, LocalSink]:
-    sink = LocalSink()
+) -> tuple[Outcome, InProcessSink]:
+    sink = InProcessSink()
     processor = Processor(settings, engine, sink, limiter or Limiter(4))
-    source = LocalSource([], max_outstanding=1)
+    source = InProcessSource([], max_outstanding=1)
 
     async def run() -> Outcome:
         try:
-            delivery = LocalDelivery(data, "m-1", 1, source)
+            delivery = InProcessDelivery(data, "m-1", 1, source)
             return await asyncio.wait_for(processor.handle(delivery), timeout=10)
         finally:
             await engine.close()
@@ -162,7 +162,7 @@ def test_ordinary_text_is_left_alone() -> None:
 def test_every_generated_malformed_payload_is_dead_lettered_with_its_reason(p: Payload) -> None:
     """The property the bad-input phase checks at scale, on the worker's own code path."""
     with pytest.raises(InvalidRequest) as caught:
-        parse_request(p.data, max_bytes=reliability.MAX_REQUEST_BYTES)
+        parse_request(p.data, max_bytes=MAX_REQUEST_BYTES)
     assert caught.value.reason.value == p.reason, p.kind
     settings_ = WorkerSettings(project="p")
     engine = NoEngine(settings_, max_model_len=1024)
@@ -177,7 +177,7 @@ def test_every_generated_malformed_payload_is_dead_lettered_with_its_reason(p: P
 
 
 def test_fault_plan_spreads_each_kind_over_the_run() -> None:
-    plan = fault_plan(reliability.FULL)
+    plan = fault_plan(FULL)
     kinds = [kind for _, kind in plan]
     assert kinds.count(WORKER_KILL) == 5
     assert kinds.count(ENGINE_RESTART) == 2
@@ -189,13 +189,26 @@ def test_fault_plan_spreads_each_kind_over_the_run() -> None:
     assert kinds[0] == WORKER_KILL  # not two of a kind back to back at the start
 
 
+def test_the_suite_does_not_import_the_tests() -> None:
+    """bench and tests share `harness`; bench never imports `tests` (no import cycle)."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, bench.reliability.__main__; "
+        "print(sorted(m for m in sys.modules if m == 'tests' or m.startswith('tests.')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
 # --------------------------------------------------------------------------- the short run
 
 
 @pytest.mark.engine
 @pytest.mark.emulator
-def test_short_run_holds_every_invariant(engine: Engine, logs: Path) -> None:
-    report = reliability.run_suite(
+def test_short_run_holds_every_invariant(engine: CpuServer, logs: Path) -> None:
+    report = run_suite(
         SHORT,
         logs=logs / "reliability-short",
         engine=engine,

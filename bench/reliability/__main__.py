@@ -1,0 +1,54 @@
+"""Reliability suite: the real stack under faults, malformed input and hostile input.
+
+    uv run python -m bench.reliability --short   # the CI version (tests/test_reliability.py), ~4 min
+    uv run python -m bench.reliability --full    # 10,000 + 2 x 10,000 messages, ~12 min on 2 cores
+
+Prints the Markdown report (and writes it with --out); exit code 1 if an invariant failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cohost import paths
+
+from .config import FULL, SHORT
+from .suite import run_suite
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.reliability", description=(__doc__ or "").split("\n")[0]
+    )
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--full", action="store_true", help="10,000 requests, 10,000 malformed")
+    mode.add_argument("--short", action="store_true", help="the CI version")
+    p.add_argument("--out", type=Path, help="write the Markdown report here too")
+    p.add_argument("--logs", type=Path, help="where process logs go (default: the cohost cache)")
+    args = p.parse_args()
+    cfg = FULL if args.full else SHORT
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    logs = args.logs or paths.logs_dir() / f"reliability-{cfg.name}-{stamp}"
+    command = "uv run python -m bench.reliability " + " ".join(sys.argv[1:])
+
+    def say(line: str) -> None:
+        print(f"{datetime.now(UTC):%H:%M:%S} {line}", file=sys.stderr, flush=True)
+
+    # A Ctrl-C or SIGTERM still stops every child (the finally blocks of `run_suite`).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    report = run_suite(cfg, logs=logs, command=command, say=say)
+    text = report.markdown()
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        say(f"wrote {args.out}")
+    return 0 if not report.failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""What a run does: how many messages, which faults, and where in the run each one comes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_REQUEST_BYTES = 1_048_576  # the worker's default FEEDBACK_MAX_REQUEST_BYTES
+MAX_CHARS_PER_TOKEN = 128  # the worker's default FEEDBACK_MAX_CHARS_PER_TOKEN
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    requests: int
+    worker_kills: int
+    engine_restarts: int
+    emulator_restarts: int
+    malformed: int
+    mixed_valid: int
+    seed: int = 20261122
+    window: int = 400  # unanswered requests the producer keeps published at most
+    # The subscription's and the worker's stream ack deadline (FEEDBACK_ACK_DEADLINE_S):
+    # what a SIGKILLed worker held comes back after it.
+    ack_deadline_s: int = 60
+    max_tokens: int = 16
+    stall_s: float = 300.0  # no new result for this long fails the phase
+
+
+FULL = Config(
+    "full",
+    requests=10_000,
+    worker_kills=5,
+    engine_restarts=2,
+    emulator_restarts=1,
+    malformed=10_000,
+    mixed_valid=1_000,
+)
+# Same faults and bad-input kinds, fewer messages.
+SHORT = Config(
+    "short",
+    requests=600,
+    worker_kills=2,
+    engine_restarts=1,
+    emulator_restarts=1,
+    malformed=1_000,
+    mixed_valid=100,
+    window=200,
+)
+
+WORKER_KILL, ENGINE_RESTART, EMULATOR_RESTART = (
+    "worker SIGKILL",
+    "engine restart",
+    "emulator restart",
+)
+
+
+def fault_plan(cfg: Config) -> list[tuple[int, str]]:
+    """(answered-count threshold, fault) pairs, spread evenly over 8%..92% of the run,
+    with the kinds interleaved (each kind at its own even spacing, then merged)."""
+    kinds: list[tuple[float, int, str]] = []
+    for order, (kind, count) in enumerate(
+        ((WORKER_KILL, cfg.worker_kills), (ENGINE_RESTART, cfg.engine_restarts),
+         (EMULATOR_RESTART, cfg.emulator_restarts))
+    ):  # fmt: skip
+        kinds += [((i + 0.5) / count, order, kind) for i in range(count)]
+    kinds.sort()
+    n = len(kinds)
+    return [
+        (max(1, round(cfg.requests * (0.08 + 0.84 * (i + 0.5) / n))), kind)
+        for i, (_, _, kind) in enumerate(kinds)
+    ]
