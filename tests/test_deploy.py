@@ -36,6 +36,8 @@ from cohost.launch.settings import EngineSettings
 from cohost.plan import envfile
 from feedback.settings import WorkerSettings
 
+from harness.mps import FakeMpsDaemon
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -390,6 +392,25 @@ def test_env_file_is_the_planners_output(path: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
+def test_env_file_reads_the_same_in_a_shell(path: Path) -> None:
+    """`set -a; . deploy/l4.env` gives a shell what compose and the launcher read
+    (COHOST_GPU_NAME='NVIDIA L4' would otherwise run `L4` as a command)."""
+    result = subprocess.run(
+        ["bash", "-c", 'set -a; . "$1"; env -0', "bash", str(path)],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not result.stderr
+    shell = dict(item.split("=", 1) for item in result.stdout.split("\0") if "=" in item)
+    values = envfile.read(path)
+    assert {k: shell.get(k) for k in values} == values
+    assert values["COHOST_GPU_NAME"].startswith("NVIDIA ")
+
+
+@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
 def test_env_file_carries_what_the_services_read(path: Path) -> None:
     values = envfile.read(path)
     for service in ENGINES.values():
@@ -424,6 +445,7 @@ def test_launcher_starts_both_servers_from_the_compose_environment(
     what the chatbot leaves. Both pass the preflight and exec vLLM with the plan's flags."""
     shell = shell_for(profile)
     plan = envfile.read(ROOT / "deploy" / f"{profile}.env")
+    daemon = FakeMpsDaemon(tmp_path / "mps")
     total = int(plan["COHOST_GPU_TOTAL_BYTES"])
     free = total - gpus.DEFAULT_RESERVED
     for compose_name, service in ENGINES.items():
@@ -444,7 +466,8 @@ def test_launcher_starts_both_servers_from_the_compose_environment(
         script = tmp_path / "record.py"
         script.write_text(
             "import json, os, sys\n"
-            "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY')}, "
+            "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY'), "
+            "'env': {k: v for k, v in os.environ.items() if k.startswith('CUDA_MPS_')}}, "
             "open(os.environ['RECORD'], 'w'))\n"
         )
         p = envfile.prefix(service)
@@ -453,6 +476,7 @@ def test_launcher_starts_both_servers_from_the_compose_environment(
             **env,
             "COHOST_FAKE_NVML": str(fake),
             "COHOST_LOCK_DIR": str(tmp_path / "locks"),  # the volume's stand-in
+            "CUDA_MPS_PIPE_DIRECTORY": str(daemon.pipe),  # likewise, with a daemon listening
             p + "COMMAND": f"{sys.executable} {script}",
             "RECORD": str(record),
         }
@@ -481,8 +505,19 @@ def test_launcher_starts_both_servers_from_the_compose_environment(
         if service == "chatbot":
             assert started["key"] == TEST_KEY
             assert TEST_KEY not in " ".join(argv) + result.stderr
+        # The plan's MPS share, as CUDA reads it when vLLM starts.
+        assert plan["COHOST_SHARING"] == "mps"
+        mps_env = started["env"]
+        assert mps_env["CUDA_MPS_PIPE_DIRECTORY"] == str(daemon.pipe)
+        assert (
+            mps_env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == plan[p + "MPS_ACTIVE_THREAD_PERCENTAGE"]
+        )
+        assert mps_env["CUDA_MPS_CLIENT_PRIORITY"] == plan[p + "MPS_CLIENT_PRIORITY"]
+        limit_mib = int(plan[p + "MPS_PINNED_MEMORY_BYTES"]) // (1 << 20)
+        assert mps_env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={limit_mib}M"
         # The next server starts in what this one's plan leaves free.
         free -= int(plan[p + "EXPECTED_PROCESS_BYTES"])
+    daemon.close()
     assert free >= 0
 
 
@@ -500,7 +535,7 @@ def test_worker_settings_from_the_compose_environment(
     assert settings.llm_base_url == f"http://feedback-engine:{ENGINE_PORT}/v1"
     assert settings.llm_model == plan["FEEDBACK_ENGINE_SERVED_MODEL_NAME"]
     assert settings.max_in_flight == int(plan["FEEDBACK_ENGINE_MAX_NUM_SEQS"])
-    assert settings.chat_metrics_url == f"http://chatbot:{ENGINE_PORT}/metrics"
+    assert settings.chat_metrics_url is None  # chat-first off: docs/sharing.md
     assert settings.metrics_port == 9100
     # Production: no emulator, the project comes from GOOGLE_CLOUD_PROJECT.
     assert settings.pubsub_emulator_host is None
@@ -620,6 +655,7 @@ def test_engines_share_one_gpu_its_gate_and_the_caches(
         env["COHOST_LOCK_DIR"]: "gate",
         env["HF_HOME"]: "hugging face cache",
         env["VLLM_CACHE_ROOT"]: "vLLM compile cache",
+        env["CUDA_MPS_PIPE_DIRECTORY"]: "MPS daemon's pipe directory",
     }
     mounts: dict[str, list[str]] = {}
     devices = []
@@ -636,7 +672,8 @@ def test_engines_share_one_gpu_its_gate_and_the_caches(
             source, target = volume.split(":")[:2]
             assert source in compose["volumes"], f"{source}: a named volume"
             mounts.setdefault(target, []).append(source)
-        assert service.get("ipc") == "host" or service.get("shm_size"), "room in /dev/shm"
+        # Room in /dev/shm: the MPS daemon's, which MPS clients must share with their server.
+        assert service.get("ipc") == "service:mps", "the engines use the MPS daemon's /dev/shm"
         assert service.get("init") is True
     assert devices[0] == devices[1], "both on the same GPU"
     assert len(devices[0]) == 1, "one GPU"
@@ -647,6 +684,36 @@ def test_engines_share_one_gpu_its_gate_and_the_caches(
     # The gate volume has a fixed name: every compose project of this host shares it.
     gate_volume = mounts[env["COHOST_LOCK_DIR"]][0]
     assert compose["volumes"][gate_volume]["name"]
+    # The MPS daemon: the same GPU, the same pipe directory, the IPC namespace they join.
+    mps = services["mps"]
+    assert mps["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == devices[0]
+    assert (
+        f"{mounts[env['CUDA_MPS_PIPE_DIRECTORY']][0]}:{env['CUDA_MPS_PIPE_DIRECTORY']}"
+        in (mps["volumes"])
+    )
+    assert mps["ipc"] == "shareable"
+    assert parse_bytes(mps["shm_size"]) >= 2 * 4 * 1024**3, "4 GiB of /dev/shm per engine"
+
+
+def parse_bytes(text: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kmg]?)b?", str(text).lower()).groups()  # type: ignore[union-attr]
+    return int(number) * 1024 ** "_kmg".index(unit or "_")
+
+
+def test_mps_daemon_runs_as_the_engines_and_is_checked(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The MPS server runs as its clients' uid and a client of another uid waits: the daemon
+    runs as the engines do (the image's user, no override), from the engine image."""
+    mps = services["mps"]
+    assert mps["image"] == services["chatbot"]["image"]
+    assert "user" not in mps
+    for name in ENGINES:
+        assert "user" not in services[name]
+    assert mps["entrypoint"] == ["nvidia-cuda-mps-control", "-f"], "foreground, as PID 1's child"
+    assert "nvidia-cuda-mps-control" in " ".join(mps["healthcheck"]["test"])
+    assert mps["restart"] == "unless-stopped"
+    assert mps["ulimits"]["memlock"] == -1
 
 
 def test_feedback_engine_is_not_published(services: dict[str, dict[str, Any]]) -> None:
@@ -694,7 +761,10 @@ def test_worker_service(services: dict[str, dict[str, Any]]) -> None:
     worker = services[WORKER]
     env = environment(worker)
     assert env["FEEDBACK_LLM_BASE_URL"] == f"http://feedback-engine:{ENGINE_PORT}/v1"
-    assert env["FEEDBACK_CHAT_METRICS_URL"] == f"http://chatbot:{ENGINE_PORT}/metrics"
+    # Chat-first is off by default (it measured no gain for chat under MPS); the variable is
+    # passed through so an operator can turn it on without editing the file.
+    assert "FEEDBACK_CHAT_METRICS_URL" in env
+    assert env["FEEDBACK_CHAT_METRICS_URL"] is None
     assert env["FEEDBACK_METRICS_PORT"] == "9100"
     assert "GOOGLE_CLOUD_PROJECT" in env
     assert "PUBSUB_EMULATOR_HOST" not in env, "the emulator only in local use"
@@ -1027,7 +1097,7 @@ def test_compose_resolves_the_stack(profile: str, local: bool) -> None:
     assert result.returncode == 0, result.stderr
     model = json.loads(result.stdout)
     resolved = model["services"]
-    expected = {"chatbot", "feedback-engine", WORKER}
+    expected = {"mps", "chatbot", "feedback-engine", WORKER}
     if local:
         expected |= {"pubsub-emulator", "pubsub-init"}
     assert set(resolved) == expected

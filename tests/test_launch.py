@@ -10,20 +10,32 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from cohost import nvml
 from cohost.cpu_engine.install import ensure_engine
 from cohost.cpu_engine.models import ensure_model
 from cohost.cpu_engine.server import server_env
 from cohost.cpu_engine.venv import engine_python
-from cohost.launch.exits import EXIT_CONFIG, EXIT_GATE_TIMEOUT, EXIT_NO_MEMORY, EXIT_WRONG_GPU
-from cohost.processes import Child, console_script, free_port, http_ok
+from cohost.launch.exits import (
+    EXIT_CONFIG,
+    EXIT_GATE_TIMEOUT,
+    EXIT_NO_MEMORY,
+    EXIT_NO_MPS,
+    EXIT_WRONG_GPU,
+)
+from cohost.launch.mps import NO_MPS_PIPE
+from cohost.processes import Child, console_script, free_port, http_ok, log_contains
 from cohost.units import MIB
+
+from harness.mps import FakeMpsDaemon
 
 L4_TOTAL = 23034 * MIB
 COHOST = console_script("cohost")
@@ -68,7 +80,8 @@ def recorder(tmp_path: Path) -> str:
     script = tmp_path / "record.py"
     script.write_text(
         "import json, os, sys\n"
-        f"json.dump({{'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY')}}, "
+        "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY'), "
+        "'mps': {k: v for k, v in os.environ.items() if k.startswith('CUDA_MPS_')}}, "
         f"open({str(tmp_path / 'started.json')!r}, 'w'))\n"
     )
     return f"{sys.executable} {script}"
@@ -221,3 +234,189 @@ def test_two_launches_at_once_start_one_after_the_other(
     finally:
         for child in children.values():
             child.stop(timeout=30)
+
+
+# --------------------------------------------------------------------------- MPS sharing
+
+LIMIT_MIB = 12_500
+
+
+@pytest.fixture
+def mps_env(gpu_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The chatbot's plan under MPS sharing; no daemon yet at the pipe directory."""
+    return {
+        **gpu_env,
+        "COHOST_SHARING": "mps",
+        "CHATBOT_ENGINE_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
+        "CHATBOT_ENGINE_MPS_CLIENT_PRIORITY": "0",
+        "CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES": str(LIMIT_MIB * MIB),
+        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
+        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path),
+    }
+
+
+def started_with(tmp_path: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads((tmp_path / "started.json").read_text())
+    return data
+
+
+def test_starts_vllm_as_an_mps_client_with_the_planned_share(
+    mps_env: dict[str, str], tmp_path: Path
+) -> None:
+    daemon = FakeMpsDaemon(tmp_path / "mps")
+    try:
+        result = launch("chatbot", mps_env)
+    finally:
+        daemon.close()
+    assert result.returncode == 0, result.stderr
+    assert daemon.connections >= 1, "the launcher asked the daemon before starting vLLM"
+    assert started_with(tmp_path)["mps"] == {
+        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
+        "CUDA_MPS_CLIENT_PRIORITY": "0",
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={LIMIT_MIB}M",
+    }
+    assert "sharing: CUDA MPS client" in result.stderr
+
+
+def test_refuses_when_no_mps_daemon_answers(mps_env: dict[str, str], tmp_path: Path) -> None:
+    result = launch("chatbot", {**mps_env, "COHOST_MPS_WAIT_S": "2"})
+    assert result.returncode == EXIT_NO_MPS
+    pipe = tmp_path / "mps"
+    assert f"{pipe / 'control'} does not exist" in result.stderr
+    assert f"CUDA_MPS_PIPE_DIRECTORY={pipe} nvidia-cuda-mps-control -d" in result.stderr
+    assert "--sharing time-slicing" in result.stderr
+    assert not (tmp_path / "started.json").exists()
+    # A socket nobody listens on (a daemon that died) is refused the same way.
+    pipe.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(pipe / "control"))
+    result = launch("chatbot", {**mps_env, "COHOST_MPS_WAIT_S": "1"})
+    assert result.returncode == EXIT_NO_MPS
+    assert "does not accept connections" in result.stderr
+
+
+def test_waits_for_a_daemon_that_comes_up(mps_env: dict[str, str], tmp_path: Path) -> None:
+    """A restarted daemon container comes back after the engines: they wait for it."""
+    proc = subprocess.Popen(
+        [COHOST, "launch", "chatbot"], env=mps_env, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(3)
+    assert proc.poll() is None, "still waiting"
+    daemon = FakeMpsDaemon(tmp_path / "mps")
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        daemon.close()
+    assert proc.returncode == 0, err
+    assert "waiting for the MPS control daemon" in err
+    assert started_with(tmp_path)["mps"]
+
+
+def test_an_mps_plan_without_shares_names_what_is_missing(mps_env: dict[str, str]) -> None:
+    env = {k: v for k, v in mps_env.items() if "MPS_CLIENT_PRIORITY" not in k}
+    env.pop("CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES")
+    result = launch("chatbot", env)
+    assert result.returncode == EXIT_CONFIG
+    assert "CHATBOT_ENGINE_MPS_CLIENT_PRIORITY: required when COHOST_SHARING=mps" in result.stderr
+    assert "CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES" in result.stderr
+
+
+def test_time_slicing_keeps_vllm_out_of_a_running_daemon(
+    gpu_env: dict[str, str], tmp_path: Path
+) -> None:
+    daemon = FakeMpsDaemon(tmp_path / "mps")
+    env = {
+        **gpu_env,
+        "COHOST_SHARING": "time-slicing",
+        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50",  # left over in the environment
+        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path),
+    }
+    try:
+        result = launch("chatbot", env)
+    finally:
+        daemon.close()
+    assert result.returncode == 0, result.stderr
+    assert started_with(tmp_path)["mps"] == {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
+    assert not Path(NO_MPS_PIPE).exists()
+    assert "time-slicing (not an MPS client)" in result.stderr
+
+
+def test_a_stricter_share_given_by_the_platform_is_kept(
+    mps_env: dict[str, str], tmp_path: Path
+) -> None:
+    """GKE's device plugin gives each container its MPS share in these variables; a client's
+    own can only lower it, so the launcher keeps whichever is stricter."""
+    daemon = FakeMpsDaemon(tmp_path / "mps")
+    platform = {
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50",
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=11G",
+        "CHATBOT_ENGINE_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
+    }
+    try:
+        assert launch("chatbot", {**mps_env, **platform}).returncode == 0
+        stricter = started_with(tmp_path)["mps"]
+        looser = {**platform, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=20000M"}
+        assert launch("chatbot", {**mps_env, **looser}).returncode == 0
+        planned = started_with(tmp_path)["mps"]
+    finally:
+        daemon.close()
+    assert isinstance(stricter, dict)
+    assert isinstance(planned, dict)
+    assert stricter["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert stricter["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={11 * 1024}M"
+    assert planned["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={LIMIT_MIB}M"
+
+
+def test_refuses_a_cap_below_the_servers_plan(mps_env: dict[str, str], tmp_path: Path) -> None:
+    daemon = FakeMpsDaemon(tmp_path / "mps")
+    try:
+        result = launch(
+            "chatbot", {**mps_env, "CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES": str(10_000 * MIB)}
+        )
+    finally:
+        daemon.close()
+    assert result.returncode == EXIT_CONFIG
+    assert "caps chatbot at 10,000 MiB under MPS, but the server needs 12,000 MiB" in result.stderr
+    assert not (tmp_path / "started.json").exists()
+
+
+@pytest.mark.engine
+def test_watchdog_kills_a_server_that_stopped_answering(
+    gpu_env: dict[str, str], tmp_path: Path
+) -> None:
+    """What the MPS server's death did on the GPU: vLLM neither exits nor answers. Frozen
+    here with SIGSTOP, a real CPU vLLM server is killed, with its engine process, once its
+    /health stays silent for COHOST_WATCHDOG_S, so a container would exit and restart."""
+    ensure_engine()
+    model = ensure_model("tiny-llama")
+    port = free_port()
+    env = server_env(gpu_env)
+    env.update({
+        "CHATBOT_ENGINE_MODEL": str(model), "CHATBOT_ENGINE_EXTRA_ARGS": "--enforce-eager",
+        "CHATBOT_ENGINE_COMMAND": f"{engine_python()} -m vllm.entrypoints.openai.api_server",
+        "CHATBOT_ENGINE_HOST": "127.0.0.1", "CHATBOT_ENGINE_PORT": str(port),
+        "CHATBOT_ENGINE_MAX_MODEL_LEN": "1024", "CHATBOT_ENGINE_MAX_NUM_SEQS": "4",
+        "COHOST_WATCHDOG_S": "10",
+    })  # fmt: skip
+    env.pop("CHATBOT_ENGINE_KV_CACHE_MEMORY_BYTES")
+    child = Child("chatbot", [COHOST, "launch", "chatbot"], log_path=tmp_path / "c.log", env=env)
+    child.start()
+    try:
+        # Healthy as the launcher's keeper saw it: from then on it watches.
+        child.wait_ready(log_contains(child.log_path, "start gate released"), timeout=300)
+        tree = [child.pid, *(p.pid for p in psutil.Process(child.pid).children(recursive=True))]
+        assert len(tree) >= 2, "vLLM runs its engine in a child process"
+        os.kill(child.pid, signal.SIGSTOP)  # the API server stops answering; its engine runs on
+        frozen = time.monotonic()
+        assert child.proc is not None
+        child.proc.wait(timeout=60)
+        took = time.monotonic() - frozen
+    finally:
+        child.kill()
+    assert 10 <= took <= 40, took
+    log = (tmp_path / "c.log").read_text()
+    assert "watchdog: /health has not answered for" in log
+    assert "killed the server and its processes" in log
+    assert not [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]

@@ -13,12 +13,25 @@ from pathlib import Path
 
 import pytest
 from cohost import cli, gpus
-from cohost.plan import PlanError, ServiceSpec, envfile, fit, make_plan, memory, models
+from cohost.plan import (
+    Plan,
+    PlanError,
+    ServiceSpec,
+    envfile,
+    fit,
+    make_plan,
+    memory,
+    models,
+    sharing,
+)
 from cohost.units import GIB, MIB
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "deploy" / "calibration"
 TRIALS = ROOT / "bench" / "gpu" / "results" / "trials-2026-11-22.jsonl"
+# The plans those trials launched, as they were then (time-slicing; the shipped plans have
+# moved on to MPS since).
+TRIAL_PLANS = ROOT / "bench" / "gpu" / "results" / "plans-2026-11-22"
 H100 = gpus.by_name("H100-80GB")
 MODELS = ROOT / "deploy" / "models"
 MISTRAL = str(MODELS / "mistralai--Mistral-7B-Instruct-v0.3")
@@ -54,7 +67,7 @@ def test_fixed_util_prediction_matches_vllm(run: dict[str, object]) -> None:
         max_num_batched_tokens=int(str(run["max_num_batched_tokens"])),
         util=float(str(run["util"])),
     )
-    service = fit(H100, [spec]).services[0]
+    service = fit(H100, [spec], mode="time-slicing").services[0]
     fp = service.footprint
     assert fp.weights / GIB == pytest.approx(vllm["weights_gib"], rel=0.04, abs=0.01)
     assert fp.activation_peak / GIB == pytest.approx(
@@ -73,7 +86,7 @@ def test_fixed_util_prediction_matches_vllm(run: dict[str, object]) -> None:
     "run", trial_runs(), ids=lambda r: f"{Path(str(r['plan'])).stem}-trial{r['trial']}"
 )
 def test_shipped_plans_match_the_launched_servers(run: dict[str, object]) -> None:
-    plan = envfile.read(ROOT / str(run["plan"]))
+    plan = envfile.read(TRIAL_PLANS / Path(str(run["plan"])).name)
     measured = run["nvidia_smi_mib"]
     assert isinstance(measured, dict)
     for name in ("chatbot", "feedback"):
@@ -299,3 +312,162 @@ def test_cli_refuses_to_write_a_plan_that_does_not_fit(
     assert code == 1
     assert "does not fit" in err
     assert not env.exists()
+
+
+# --------------------------------------------------------------------------- GPU sharing
+
+
+def _pair(mode: str, **feedback: object) -> Plan:
+    return make_plan(
+        gpus.by_name("L4"),
+        [
+            ServiceSpec("chatbot", QWEN_7B_AWQ, max_model_len=8192, max_num_seqs=8),
+            ServiceSpec("feedback", QWEN_1_5B, max_model_len=4096, max_num_seqs=32, **feedback),  # type: ignore[arg-type]
+        ],
+        mode=mode,
+    )
+
+
+def test_mps_plan_gives_each_server_its_share_and_a_cap_that_fits_the_card() -> None:
+    plan = _pair("mps")
+    assert plan.fits
+    chat, feedback = plan.services
+    assert chat.mps is not None
+    assert feedback.mps is not None
+    # The interactive service (first) has every SM at normal priority; the batch one its share.
+    assert (chat.mps.sm_percent, chat.mps.priority, chat.mps.client_priority) == (100, "normal", 0)
+    assert (feedback.mps.sm_percent, feedback.mps.priority) == (sharing.BATCH_SM_PERCENT, "low")
+    assert feedback.mps.client_priority == 1
+    for s in plan.services:
+        assert s.mps is not None
+        cap = s.mps.memory_limit_bytes
+        assert cap % MIB == 0, "CUDA takes the cap in whole MiB"
+        # Room for the whole server as planned, plus its share of the headroom.
+        assert s.footprint.process <= cap <= s.footprint.process + plan.headroom_bytes // 2
+        # vLLM's own start check sees the capped free memory: its budget must fit under the cap.
+        assert math.ceil(s.gpu_memory_utilization * plan.gpu.cuda_total_bytes) < cap
+    # An MPS client's context shrinks with its share of the SMs.
+    assert chat.footprint.context == memory.mps_context_bytes(100) == memory.CONTEXT_BYTES
+    assert feedback.footprint.context == memory.CONTEXT_BYTES - memory.MPS_SAVING_AT_30_PERCENT
+    caps = sum(s.mps.memory_limit_bytes for s in plan.services if s.mps)
+    assert caps + plan.mps_server_bytes <= plan.gpu.cuda_total_bytes
+    assert plan.used_bytes == sum(s.footprint.process for s in plan.services) + (
+        memory.MPS_SERVER_BYTES
+    )
+
+
+def test_mps_leaves_more_for_the_kv_caches_than_time_slicing() -> None:
+    """Under MPS the servers have no CUDA context of their own; one MPS server holds it."""
+    mps, sliced = _pair("mps"), _pair("time-slicing")
+    assert sliced.sharing == "time-slicing"
+    assert all(s.mps is None for s in sliced.services)
+    assert all(s.footprint.context == memory.CONTEXT_BYTES for s in sliced.services)
+    gained = sum(s.footprint.kv_cache for s in mps.services) - sum(
+        s.footprint.kv_cache for s in sliced.services
+    )
+    saved = memory.MPS_SAVING_AT_30_PERCENT - memory.MPS_SERVER_BYTES
+    # Whole KV blocks only: within a block or so of each service, either way.
+    assert abs(gained - saved) <= 2 * 4 * MIB
+
+
+def test_shares_can_be_set_per_service_and_are_checked() -> None:
+    plan = _pair("mps", sm_percent=45, priority="normal")
+    feedback = plan.services[1].mps
+    assert feedback is not None
+    assert (feedback.sm_percent, feedback.priority) == (45, "normal")
+    assert ServiceSpec.parse("f=x,sm=20,priority=low").sm_percent == 20
+    with pytest.raises(PlanError, match="from 1 to 100"):
+        _pair("mps", sm_percent=0)
+    with pytest.raises(PlanError, match="priority='urgent'"):
+        _pair("mps", priority="urgent")
+    with pytest.raises(PlanError, match="--sharing time-slicing has no shares"):
+        _pair("time-slicing", sm_percent=30)
+    with pytest.raises(PlanError, match="--sharing 'gang'"):
+        _pair("gang")
+
+
+def test_env_file_carries_the_sharing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = [
+        "plan", "--gpu", "L4",
+        "--service", f"chatbot={QWEN_7B_AWQ},max_model_len=8192,max_num_seqs=8",
+        "--service", f"feedback={QWEN_1_5B},max_model_len=4096,max_num_seqs=32,sm=25",
+    ]  # fmt: skip
+    mps_env, sliced_env = tmp_path / "mps.env", tmp_path / "sliced.env"
+    assert run_cli(capsys, *argv, "--write-env", str(mps_env))[0] == 0
+    out = run_cli(capsys, *argv[:-1], argv[-1].removesuffix(",sm=25"), "--sharing",
+                  "time-slicing", "--write-env", str(sliced_env))  # fmt: skip
+    assert out[0] == 0
+    assert "sharing: time-slicing" in out[1]
+    values = envfile.read(mps_env)
+    assert values["COHOST_SHARING"] == "mps"
+    assert values["FEEDBACK_ENGINE_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
+    assert values["FEEDBACK_ENGINE_MPS_CLIENT_PRIORITY"] == "1"
+    assert values["CHATBOT_ENGINE_MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"
+    assert int(values["CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES"]) > int(
+        values["CHATBOT_ENGINE_EXPECTED_PROCESS_BYTES"]
+    )
+    assert "# sharing: CUDA MPS (chatbot 100% of SMs" in mps_env.read_text()
+    sliced = envfile.read(sliced_env)
+    assert sliced["COHOST_SHARING"] == "time-slicing"
+    assert not [k for k in sliced if "_MPS_" in k]
+
+
+# --------------------------------------------------------------------------- the 2026-11-29 GPU run
+
+SHARING_RUN = ROOT / "bench" / "gpu" / "results" / "sharing-2026-11-29"
+
+
+def sharing_pairs() -> list[dict[str, object]]:
+    rows = [json.loads(line) for line in (SHARING_RUN / "results.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["step"] == "pair"]
+
+
+@pytest.mark.parametrize("run", sharing_pairs(), ids=lambda r: f"{r['profile']}-{r['sharing']}")
+def test_the_memory_model_covers_each_server_measured_on_the_gpu(run: dict[str, object]) -> None:
+    """Both shipped profiles on an H200 held to the planned card, under time-slicing and
+    under MPS: the model, with the KV cache each server was given, predicts what nvidia-smi
+    showed (never less, at most 3% more), and under MPS each server stayed under its cap."""
+    mps = run["sharing"] == "mps"
+    name = f"{run['profile']}.env" if mps else f"{run['profile']}-time-slicing.env"
+    plan = envfile.read(SHARING_RUN / "plans" / name)
+    measured = run["nvidia_smi_mib"]
+    assert isinstance(measured, dict)
+    for service in ("chatbot", "feedback"):
+        p = envfile.prefix(service)
+        shape = models.load(str(MODELS / plan[p + "MODEL"].replace("/", "--")))
+        sm = int(plan[p + "MPS_ACTIVE_THREAD_PERCENTAGE"]) if mps else 100
+        fixed = memory.fixed_costs(
+            shape,
+            weights=shape.weights,
+            max_num_seqs=int(plan[p + "MAX_NUM_SEQS"]),
+            max_num_batched_tokens=int(plan[p + "MAX_NUM_BATCHED_TOKENS"]),
+            context=memory.mps_context_bytes(sm) if mps else memory.CONTEXT_BYTES,
+        )
+        predicted = (fixed.process + int(plan[p + "KV_CACHE_MEMORY_BYTES"])) / MIB
+        assert predicted >= measured[service], service
+        assert predicted == pytest.approx(measured[service], rel=0.03), service
+        if mps:
+            assert measured[service] * MIB < int(plan[p + "MPS_PINNED_MEMORY_BYTES"]), service
+        logged = run[service]
+        assert isinstance(logged, dict)
+        kv_gib = int(plan[p + "KV_CACHE_MEMORY_BYTES"]) / GIB
+        assert logged["vllm"]["pinned_kv_gib"] == pytest.approx(kv_gib, abs=0.006)
+    servers = {k: v for k, v in run["others_mib"].items() if "mps" in k}  # type: ignore[attr-defined]
+    assert list(servers.values()) == ([memory.MPS_SERVER_BYTES // MIB] if mps else [])
+
+
+@pytest.mark.parametrize("run", sharing_pairs(), ids=lambda r: f"{r['profile']}-{r['sharing']}")
+def test_the_gate_started_the_servers_one_after_the_other(run: dict[str, object]) -> None:
+    stamps: dict[str, dict[str, str]] = {}
+    for service in ("chatbot", "feedback"):
+        lines = run[service]["launcher"]  # type: ignore[index]
+        stamps[service] = {
+            what: line.split()[0]
+            for what, needle in (("exec", "starting:"), ("healthy", "healthy after"))
+            for line in lines
+            if needle in line
+        }
+    # (The record was taken as soon as both answered: the second's keeper may not yet have
+    # written its own "healthy" line.)
+    first, second = sorted(stamps.values(), key=lambda s: s["exec"])
+    assert second["exec"] >= first["healthy"]

@@ -92,6 +92,35 @@ def test_gpu_within_plan_is_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "plan 21,877 MiB" in check.summary
 
 
+def test_gpu_shows_the_sharing_and_each_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = _reading()
+    server = nvml.GpuProcess(303, 66 * MIB, "nvidia-cuda-mps-server")
+    _fake(tmp_path, _reading(processes=[*base.processes, server]), monkeypatch)
+    check = checks.check_gpu_memory(L4_PLAN)
+    assert check.state == "ok", check.summary
+    plan = checks.read_plan(L4_PLAN)[0]
+    chat_cap = int(plan["CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES"])
+    assert check.details["sharing"] == "mps"
+    assert f"MPS: chatbot 100% of SMs, normal priority, cap {chat_cap / MIB:,.0f} MiB" in (
+        check.summary
+    )
+    assert "feedback 30% of SMs, low priority" in check.summary
+    feedback = next(s for s in check.details["services"] if s["service"] == "feedback")
+    assert feedback["mps"] == {
+        "sm_percent": 30, "client_priority": 1,
+        "memory_limit_bytes": int(plan["FEEDBACK_ENGINE_MPS_PINNED_MEMORY_BYTES"]),
+    }  # fmt: skip
+    assert [p["service"] for p in check.details["processes"]][-1] == "mps-server"
+    # A plan made before MPS (no COHOST_SHARING) is a time-slicing plan.
+    old = ROOT / "bench" / "gpu" / "results" / "plans-2026-11-22" / "l4.env"
+    check = checks.check_gpu_memory(old)
+    assert check.details["sharing"] == "time-slicing"
+    assert "time-slicing" in check.summary
+    assert all(s["mps"] is None for s in check.details["services"])
+
+
 def test_gpu_process_over_its_plan_is_unhealthy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

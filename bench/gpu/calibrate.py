@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ops" / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gpuhost
+import gpuhost  # also puts the project's sources on sys.path
 from cohost import vllm_log
+from cohost.processes import Child
 
 
 def main() -> int:
@@ -50,8 +50,8 @@ def main() -> int:
         if pinned:
             flags += ["--kv-cache-memory-bytes", pinned[0]]
         started = time.monotonic()
-        proc = gpuhost.start(gpuhost.vllm_serve_argv(models[arch], port, *flags), log)
-        took = gpuhost.wait_healthy(proc, port, timeout=420)
+        server = Child(tag, gpuhost.vllm_serve_argv(models[arch], port, *flags), log_path=log)
+        took = gpuhost.wait_healthy(server.start(), port, timeout=420)
         row: dict[str, object] = {
             "case": tag,
             "arch": arch,
@@ -68,7 +68,7 @@ def main() -> int:
             row["nvml"] = gpuhost.nvml_memory()
         else:
             row["error_tail"] = gpuhost.tail(log, 40)
-        gpuhost.stop(proc)
+        server.stop()
         row["vllm"] = vllm_log.parse(log.read_text(errors="replace")).as_dict()
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")

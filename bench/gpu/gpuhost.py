@@ -1,30 +1,37 @@
-"""Helpers for scripts that run on the GPU host (vLLM 0.26 bundle on PYTHONPATH).
+"""What the scripts on the GPU host share: vLLM from the offline bundle, weightless models,
+the ballast that shrinks the card, the CUDA MPS control daemon and nvidia-smi readings.
 
-Standard library plus nvidia-ml-py (present on the host). Servers are started
-the way the bundle README says, with their log in a file, and waiting for /health
-stops as soon as the server process has exited.
+The host has Python 3.12, torch and nvidia-ml-py; vLLM 0.26 comes from the bundle on
+PYTHONPATH (shared/gpu/README.md). Processes are `cohost.processes.Child`, as everywhere in
+the project: their log in a file, and waiting for /health stops as soon as one has exited.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import dummy
+ROOT = Path(__file__).resolve().parents[2]
+for sub in ("ops/src", "shared/src", "services/feedback/src"):
+    if str(ROOT / sub) not in sys.path:
+        sys.path.insert(0, str(ROOT / sub))
+
+import dummy  # noqa: E402
+from cohost.processes import Child, ChildFailed, http_ok  # noqa: E402
 
 VLLM_MAIN = (
     "import sys; from vllm.entrypoints.cli.main import main; sys.argv=['vllm']+sys.argv[1:]; main()"
 )
-ROOT = Path(__file__).resolve().parents[2]
+# `cohost launch`'s <SERVICE>_ENGINE_COMMAND for the bundle (it has no `vllm` script).
+VLLM_COMMAND = f'{sys.executable} -c "{VLLM_MAIN}" serve'
 # Real config.json files of the architectures the calibration runs use.
 CONFIGS = ROOT / "deploy" / "calibration" / "models"
+MPS_BIN = Path("/usr/local/nvidia/bin")
 
 
 def vllm_serve_argv(model_dir: Path, port: int, *flags: str) -> list[str]:
@@ -52,42 +59,12 @@ def make_models(root: Path, archs: list[str]) -> dict[str, Path]:
     return out
 
 
-def healthy(port: int) -> bool:
+def wait_healthy(child: Child, port: int, timeout: float) -> float | None:
+    """Seconds until /health answered, or None if the process exited or time ran out."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            return bool(r.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def wait_healthy(proc: subprocess.Popen[bytes], port: int, timeout: float) -> float | None:
-    """Seconds to healthy, or None if the process exited or time ran out."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            return None
-        if healthy(port):
-            return time.monotonic() - start
-        time.sleep(0.5)
-    return None
-
-
-def start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as f:
-        return subprocess.Popen(
-            argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        return child.wait_ready(http_ok(f"http://127.0.0.1:{port}/health"), timeout=timeout)
+    except ChildFailed:
+        return None
 
 
 def gpu_processes(gpu: int | None = None) -> list[dict[str, int]]:
@@ -140,3 +117,84 @@ def wait_gpu_idle(baseline_mib: int, timeout: float = 60) -> None:
 
 def tail(path: Path, n: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+# A process that holds the memory a bigger card has beyond the emulated one. It is never
+# an MPS client (no kernels, only an allocation), so it does not take part in the sharing.
+_BALLAST = """
+import sys, time, torch
+target = int(sys.argv[1])
+free, total = torch.cuda.mem_get_info()
+x = torch.empty(max(free - target, 0), dtype=torch.uint8, device="cuda")
+torch.cuda.synchronize()
+print("held", max(free - target, 0), "free now", torch.cuda.mem_get_info()[0], flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def ballast(free_bytes: int, log: Path) -> Child:
+    """Leave `free_bytes` of the card free (the planned card's CUDA total, on a bigger one)."""
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": "/nonexistent/no-mps"}
+    child = Child(
+        "ballast", [sys.executable, "-c", _BALLAST, str(free_bytes)], log_path=log, env=env
+    )
+    child.start()
+    child.wait_ready(lambda: "held" in log.read_text(errors="replace"), timeout=120)
+    return child
+
+
+class MpsDaemon:
+    """nvidia-cuda-mps-control -d with its own pipe and log directories."""
+
+    def __init__(self, pipe: Path, logs: Path) -> None:
+        self.pipe, self.logs = pipe, logs
+        self.env = {
+            **os.environ,
+            "CUDA_MPS_PIPE_DIRECTORY": str(pipe),
+            "CUDA_MPS_LOG_DIRECTORY": str(logs),
+            "PATH": f"{MPS_BIN}:{os.environ.get('PATH', '')}",
+        }
+
+    def control(self, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                shutil.which("nvidia-cuda-mps-control", path=self.env["PATH"])
+                or "nvidia-cuda-mps-control"
+            ],
+            input=command + "\n",
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def start(self) -> None:
+        self.pipe.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        binary = shutil.which("nvidia-cuda-mps-control", path=self.env["PATH"])
+        if binary is None:
+            raise RuntimeError(f"nvidia-cuda-mps-control not found (PATH {self.env['PATH']})")
+        subprocess.run([binary, "-d"], env=self.env, check=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while not (self.pipe / "control").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"MPS daemon made no {self.pipe / 'control'} in 30 s")
+            time.sleep(0.2)
+
+    def quit(self) -> None:
+        self.control("quit")
+        deadline = time.monotonic() + 30
+        while self.server_pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def server_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-f", "nvidia-cuda-mps-server"], capture_output=True, text=True, check=False
+        ).stdout
+        return [int(p) for p in out.split()]
+
+    def log_tail(self, name: str = "control.log", n: int = 40) -> str:
+        path = self.logs / name
+        return tail(path, n) if path.exists() else f"(no {name})"

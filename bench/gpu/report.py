@@ -44,7 +44,7 @@ def calibration() -> None:
             max_model_len=run["max_model_len"], max_num_seqs=run["max_num_seqs"],
             max_num_batched_tokens=run["max_num_batched_tokens"], util=run["util"],
         )  # fmt: skip
-        s = fit(h100, [spec]).services[0]
+        s = fit(h100, [spec], mode="time-slicing").services[0]
         fp = s.footprint
         smi = run.get("nvidia_smi_mib")
         process = (
@@ -69,7 +69,7 @@ def trials() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for line in (RESULTS / "trials-2026-11-22.jsonl").read_text().splitlines():
         run = json.loads(line)
-        plan = envfile.read(ROOT / run["plan"])
+        plan = envfile.read(RESULTS / "plans-2026-11-22" / Path(run["plan"]).name)
         profile = Path(run["plan"]).stem
         machine = "H100" if "h100" in run["machine"] else f"H200 #{run['gpu']}"
         if not run["both_healthy"]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from cohost_shared import endpoints
 
+from cohost.plan import sharing
+
 
 def _up(args: argparse.Namespace) -> int:
     from cohost import stack
@@ -50,7 +52,7 @@ def _plan(args: argparse.Namespace) -> int:
             gpu = gpus.detect()
         specs = [plan.ServiceSpec.parse(text) for text in args.service]
         headroom = None if args.headroom_mib is None else args.headroom_mib * (1 << 20)
-        result = plan.make_plan(gpu, specs, headroom)
+        result = plan.make_plan(gpu, specs, headroom, args.sharing)
     except (gpus.GpuError, models.ModelError, plan.PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -120,9 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=MODEL[,key=value...]",
         help="MODEL: folder with config.json or cached HF id; keys: max_model_len, "
         "max_num_seqs, util, weights=bf16|fp16|awq|gptq|fp8, kv=auto|fp8, batched_tokens, "
-        "serve=ID (what vLLM loads). Services start in the order given.",
+        "serve=ID (what vLLM loads), sm=PERCENT and priority=normal|low (MPS shares; default: "
+        "the first service 100%%/normal, the others the batch share/low). Services start in "
+        "the order given; the first is the interactive one.",
     )
     plan.add_argument("--headroom-mib", type=int, help="memory kept free (default 3%% of the GPU)")
+    plan.add_argument(
+        "--sharing",
+        choices=sharing.MODES,
+        default=sharing.DEFAULT_MODE,
+        help="how the servers share the GPU's compute: CUDA MPS (each server its share of the "
+        "SMs, a priority and a memory cap; default) or the driver's time-slicing",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument(
         "--write-env", type=Path, metavar="FILE", help="write the env file docker compose reads"

@@ -11,6 +11,7 @@ EXIT_CONFIG = 2
 EXIT_WRONG_GPU = 3
 EXIT_GATE_TIMEOUT = 4
 EXIT_NO_MEMORY = 5
+EXIT_NO_MPS = 6
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx2
 
 from cohost import nvml
+from cohost.launch import watchdog
 from cohost.launch.exits import EXIT_GATE_TIMEOUT, Refusal, say
 from cohost.launch.settings import EngineSettings
 
@@ -65,8 +66,11 @@ def _holder(path: Path) -> str:
     return "another server"
 
 
-def keep_until_healthy(fd: int, service: str, port: int, timeout: float) -> None:
-    """Hand the gate to a detached keeper that releases it once the server is healthy.
+def keep_until_healthy(
+    fd: int, service: str, port: int, timeout: float, watchdog_s: float = 0.0
+) -> None:
+    """Hand the gate to a detached keeper that releases it once the server is healthy,
+    then (with `watchdog_s`) watches the server (cohost.launch.watchdog).
 
     Double fork: the keeper is not our child, so vLLM (which this process becomes)
     never has to reap it.
@@ -81,38 +85,36 @@ def keep_until_healthy(fd: int, service: str, port: int, timeout: float) -> None
         os._exit(0)
     code = 0
     try:
-        started = time.monotonic()
-        url = f"http://127.0.0.1:{port}/health"
+        healthy = _release_when_healthy(fd, service, server_pid, port, timeout)
+        if healthy and watchdog_s > 0:
+            watchdog.watch(server_pid, service, port, watchdog_s)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _release_when_healthy(
+    fd: int, service: str, server_pid: int, port: int, timeout: float
+) -> bool:
+    """Hold the gate until /health answers, the server dies or `timeout`; True if healthy."""
+    started = time.monotonic()
+    url = f"http://127.0.0.1:{port}/health"
+    try:
         while True:
-            if not _alive(server_pid):
+            if not watchdog._alive(server_pid):
                 say(service, "server exited before it was healthy; start gate released")
-                break
+                return False
             with contextlib.suppress(httpx2.HTTPError):
                 if httpx2.get(url, timeout=2).status_code == 200:
                     say(
                         service,
                         f"healthy after {time.monotonic() - started:.0f} s; start gate released",
                     )
-                    break
+                    return True
             if time.monotonic() - started > timeout:
                 say(service, f"not healthy after {timeout:.0f} s; start gate released")
-                break
+                return False
             time.sleep(1)
-    except BaseException:
-        code = 1
     finally:
         os.close(fd)
-        os._exit(code)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead too (reading its state avoids waiting on a pid we do not own).
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    return True

@@ -4,10 +4,13 @@ Every vLLM container runs this instead of `vllm serve`. It
 
 1. reads the service's planned settings (`<SERVICE>_ENGINE_*`, from the plan's env file);
 2. checks through NVML that the GPU is the one planned for;
-3. takes the GPU's start gate (`gate`), so servers start strictly one at a time;
-4. checks that the whole server (its plan's process memory) fits in what is free now,
+3. under MPS sharing, waits for the MPS control daemon (`mps`), so vLLM cannot silently
+   start without its share;
+4. takes the GPU's start gate (`gate`), so servers start strictly one at a time;
+5. checks that the whole server (its plan's process memory) fits in what is free now,
    and refuses with what holds the memory and what to change otherwise;
-5. execs vLLM with the planned flags, so vLLM gets the container's signals directly.
+6. execs vLLM with the planned flags and, under MPS, its share of the SMs, priority and
+   memory cap; vLLM gets the container's signals directly.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 from typing import NoReturn
 
 from cohost import nvml
-from cohost.launch import gate, preflight, settings
+from cohost.launch import gate, mps, preflight, settings
 from cohost.launch.command import vllm_argv, vllm_env
 from cohost.launch.exits import EXIT_WRONG_GPU, Refusal, say
 from cohost.units import MIB
@@ -32,6 +35,9 @@ def run(service: str) -> NoReturn:
         except nvml.NvmlError as exc:
             raise Refusal(EXIT_WRONG_GPU, f"cannot read GPU {planned.gpu_index}: {exc}") from None
         preflight.check_card(planned, reading)
+        preflight.check_mps_cap(service, planned)
+        if planned.sharing == "mps":
+            mps.wait_for_daemon(service, planned)
         fd = gate.take(service, planned, reading)
         # Read again: what was free before the gate is stale once the server before us is up.
         reading = nvml.read(planned.gpu_index)
@@ -45,12 +51,13 @@ def run(service: str) -> NoReturn:
         say(service, refusal.message)
         sys.exit(refusal.code)
     argv = vllm_argv(planned, service, util)
-    env = vllm_env(planned, os.environ)
+    env = mps.client_env(planned, vllm_env(planned, os.environ))
+    say(service, mps.describe(planned, env))
     say(
         service,
         f"GPU {reading.name}: {reading.free_bytes // MIB:,} MiB free; util {util:.4f} of "
         f"{reading.cuda_total_bytes // MIB:,} MiB; starting: {shlex.join(argv)}",
     )
-    gate.keep_until_healthy(fd, service, planned.port, planned.health_timeout_s)
+    gate.keep_until_healthy(fd, service, planned.port, planned.health_timeout_s, planned.watchdog_s)
     os.close(fd)
     os.execvpe(argv[0], argv, env)

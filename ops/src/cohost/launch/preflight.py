@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from cohost import gpus, nvml
-from cohost.launch.exits import EXIT_NO_MEMORY, EXIT_WRONG_GPU, Refusal
+from cohost.launch.exits import EXIT_CONFIG, EXIT_NO_MEMORY, EXIT_WRONG_GPU, Refusal
 from cohost.launch.settings import EngineSettings
 from cohost.plan import memory
 from cohost.units import MIB
@@ -51,4 +51,19 @@ def check_memory(
         + "\n".join(lines)
         + "\nStop what should not be there, or re-plan for what is free: "
         f"cohost plan --gpu-memory-mib {reading.total_bytes // MIB} --service ...",
+    )
+
+
+def check_mps_cap(service: str, settings: EngineSettings) -> None:
+    """A memory cap below the server's planned memory would only make vLLM refuse later,
+    with "Free memory on device ... is less than desired GPU memory utilization" (seen on
+    an H200: under a cap, CUDA reports the cap minus what the process holds as free)."""
+    cap, needed = settings.mps_pinned_memory_bytes, settings.expected_process_bytes
+    if settings.sharing != "mps" or cap is None or needed is None or cap >= needed:
+        return
+    raise Refusal(
+        EXIT_CONFIG,
+        f"the plan caps {service} at {cap // MIB:,} MiB under MPS, but the server needs "
+        f"{needed // MIB:,} MiB (its planned process memory): vLLM would not start. "
+        "Re-plan (`cohost plan`) rather than editing the cap by hand.",
     )

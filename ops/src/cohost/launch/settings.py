@@ -4,6 +4,7 @@ every launcher of a GPU."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from cohost_shared.settings import env_errors
 from pydantic import Field, SecretStr, ValidationError
@@ -48,14 +49,49 @@ class EngineSettings(BaseSettings):
     # For emulating a smaller card on a bigger one (memory held by a ballast process).
     allow_other_gpu: bool = Field(default=False, validation_alias="COHOST_ALLOW_OTHER_GPU")
 
+    # How the plan shares the GPU (cohost.plan.sharing); a plan without the variable
+    # predates MPS and was made for time-slicing.
+    sharing: Literal["mps", "time-slicing"] = Field(
+        default="time-slicing", validation_alias="COHOST_SHARING"
+    )
+    mps_active_thread_percentage: int | None = Field(default=None, ge=1, le=100)
+    mps_client_priority: int | None = Field(default=None, ge=0, le=1)
+    mps_pinned_memory_bytes: int | None = Field(default=None, gt=0)
+    # Where the MPS control daemon listens: the same directory for the daemon and every
+    # client (CUDA's own variable and default).
+    mps_pipe_directory: Path = Field(
+        default=Path("/tmp/nvidia-mps"),  # noqa: S108 - CUDA's default, not a scratch file
+        validation_alias="CUDA_MPS_PIPE_DIRECTORY",
+    )
+    mps_wait_s: float = Field(default=120.0, ge=0, validation_alias="COHOST_MPS_WAIT_S")
+    # Once healthy: kill the server when /health stays silent this long (0: no watchdog).
+    watchdog_s: float = Field(default=60.0, ge=0, validation_alias="COHOST_WATCHDOG_S")
+
+    def missing_mps_shares(self) -> list[str]:
+        """The MPS settings a plan that shares through MPS must give (field names)."""
+        if self.sharing != "mps":
+            return []
+        fields = ("mps_active_thread_percentage", "mps_client_priority", "mps_pinned_memory_bytes")
+        return [name for name in fields if getattr(self, name) is None]
+
 
 def load(service: str) -> EngineSettings:
+    p = prefix(service)
     try:
-        return EngineSettings(_env_prefix=prefix(service))  # type: ignore[call-arg]
+        settings = EngineSettings(_env_prefix=p)  # type: ignore[call-arg]
     except ValidationError as exc:
-        raise Refusal(
-            EXIT_CONFIG,
-            f"the plan for {service!r} is missing or invalid:\n"
-            + "\n".join(env_errors(exc, prefix(service)))
-            + "\nLoad the plan's env file (deploy/*.env) into the environment.",
-        ) from None
+        raise _invalid(service, env_errors(exc, p)) from None
+    missing = settings.missing_mps_shares()
+    if missing:
+        lines = [f"  {(p + name).upper()}: required when COHOST_SHARING=mps" for name in missing]
+        raise _invalid(service, lines)
+    return settings
+
+
+def _invalid(service: str, lines: list[str]) -> Refusal:
+    return Refusal(
+        EXIT_CONFIG,
+        f"the plan for {service!r} is missing or invalid:\n"
+        + "\n".join(lines)
+        + "\nLoad the plan's env file (deploy/*.env) into the environment.",
+    )

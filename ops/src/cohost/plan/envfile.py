@@ -42,6 +42,10 @@ def service_variables(s: ServicePlan) -> dict[str, str]:
     }
     if s.kv_pinned:
         values["KV_CACHE_MEMORY_BYTES"] = str(fp.kv_cache)
+    if s.mps is not None:
+        values["MPS_ACTIVE_THREAD_PERCENTAGE"] = str(s.mps.sm_percent)
+        values["MPS_CLIENT_PRIORITY"] = str(s.mps.client_priority)
+        values["MPS_PINNED_MEMORY_BYTES"] = str(s.mps.memory_limit_bytes)
     return {p + k: v for k, v in values.items()}
 
 
@@ -60,11 +64,22 @@ def render(plan: Plan, argv: Sequence[str]) -> str:
             f"KV {fp.kv_cache / MIB:,.0f} = {s.kv_cache_tokens:,} tokens, outside vLLM's budget "
             f"{fp.outside_budget / MIB:,.0f})"
         )
+    if plan.sharing == "mps":
+        shares = "; ".join(f"{s.spec.name} {s.mps.describe()}" for s in plan.services if s.mps)
+        lines.append(
+            f"# sharing: CUDA MPS ({shares}; MPS server {plan.mps_server_bytes / MIB:,.0f} MiB)"
+        )
+    else:
+        lines.append("# sharing: time-slicing (no MPS)")
     lines.append(
         f"# predicted use {plan.used_bytes / MIB:,.0f} of {gpu.cuda_total_bytes / MIB:,.0f} MiB, "
         f"headroom {plan.headroom_bytes / MIB:,.0f} MiB"
     )
-    values = {"COHOST_GPU_NAME": gpu.name, "COHOST_GPU_TOTAL_BYTES": str(gpu.total_bytes)}
+    values = {
+        "COHOST_GPU_NAME": gpu.name,
+        "COHOST_GPU_TOTAL_BYTES": str(gpu.total_bytes),
+        "COHOST_SHARING": plan.sharing,
+    }
     for s in plan.services:
         values.update(service_variables(s))
         if s.spec.name == "feedback":

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from cohost.gpus import Gpu
-from cohost.plan import memory, models
+from cohost.plan import memory, models, sharing
 from cohost.plan.memory import Footprint
 from cohost.plan.models import ModelShape
 from cohost.plan.spec import DEFAULT_MAX_MODEL_LEN, PlanError, ServiceSpec
@@ -36,6 +36,7 @@ class ServicePlan:
     kv_required_bytes: int  # max_num_seqs sequences of max_model_len tokens
     gpu_memory_utilization: float = 0.0
     kv_pinned: bool = True
+    mps: sharing.MpsShare | None = None  # None: time-slicing
     fits: bool = True
     problems: list[str] = field(default_factory=list)
 
@@ -78,6 +79,13 @@ class ServicePlan:
             "cuda_context_bytes": fp.context,
             "budget_bytes": fp.budget,
             "process_bytes": fp.process,
+            "mps": None
+            if self.mps is None
+            else {
+                "active_thread_percentage": self.mps.sm_percent,
+                "client_priority": self.mps.client_priority,
+                "pinned_memory_limit_bytes": self.mps.memory_limit_bytes,
+            },
             "fits": self.fits,
             "problems": self.problems,
         }
@@ -94,6 +102,7 @@ class Suggestion:
 @dataclass
 class Plan:
     gpu: Gpu
+    sharing: str  # one of sharing.MODES
     services: list[ServicePlan]
     headroom_bytes: int
     fits: bool
@@ -102,8 +111,13 @@ class Plan:
     suggestions: list[Suggestion] = field(default_factory=list)
 
     @property
+    def mps_server_bytes(self) -> int:
+        """The MPS server process, once per GPU (0 under time-slicing)."""
+        return memory.MPS_SERVER_BYTES if self.sharing == "mps" else 0
+
+    @property
     def used_bytes(self) -> int:
-        return sum(s.footprint.process for s in self.services)
+        return sum(s.footprint.process for s in self.services) + self.mps_server_bytes
 
     @property
     def free_bytes(self) -> int:
@@ -119,6 +133,8 @@ class Plan:
                 "planned_use_bytes": self.used_bytes,
                 "free_bytes": self.free_bytes,
             },
+            "sharing": self.sharing,
+            "mps_server_bytes": self.mps_server_bytes,
             "fits": self.fits,
             "shortfall_bytes": self.shortfall_bytes,
             "problems": self.problems,
@@ -134,7 +150,7 @@ class Plan:
         }
 
 
-def _prepare(spec: ServiceSpec) -> ServicePlan:
+def _prepare(spec: ServiceSpec, mode: str, index: int) -> ServicePlan:
     shape = models.load(spec.model)
     weights = spec.weights or shape.weights
     if weights not in models.WEIGHT_FORMATS:
@@ -159,6 +175,7 @@ def _prepare(spec: ServiceSpec) -> ServicePlan:
         )
     if spec.util is not None and not 0 < spec.util <= 1:
         raise PlanError(f"{spec.name}: util={spec.util} must be in (0, 1]")
+    sharing.check_spec(spec, mode)
     try:
         memory.kv_dtype_bytes(spec.kv_cache_dtype)
     except ValueError as exc:
@@ -168,6 +185,9 @@ def _prepare(spec: ServiceSpec) -> ServicePlan:
         weights=weights,
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
+        context=memory.mps_context_bytes(sharing.sm_percent(spec, index))
+        if mode == "mps"
+        else memory.CONTEXT_BYTES,
     )
     required = memory.kv_bytes_for(
         shape, spec.max_num_seqs, max_len, spec.max_num_batched_tokens, spec.kv_cache_dtype
@@ -190,8 +210,14 @@ def _one_sequence(service: ServicePlan) -> int:
     )
 
 
-def fit(gpu: Gpu, specs: Sequence[ServiceSpec], headroom_bytes: int | None = None) -> Plan:
-    """Plan without suggestions (see `make_plan`)."""
+def fit(
+    gpu: Gpu,
+    specs: Sequence[ServiceSpec],
+    headroom_bytes: int | None = None,
+    mode: str = sharing.DEFAULT_MODE,
+) -> Plan:
+    """Plan without suggestions (see `make_plan`); `mode`: how the servers share the GPU."""
+    sharing.check_mode(mode)
     if not specs:
         raise PlanError("name at least one --service")
     names = [s.name for s in specs]
@@ -202,8 +228,9 @@ def fit(gpu: Gpu, specs: Sequence[ServiceSpec], headroom_bytes: int | None = Non
         if headroom_bytes is None
         else headroom_bytes
     )
-    services = [_prepare(spec) for spec in specs]
+    services = [_prepare(spec, mode, i) for i, spec in enumerate(specs)]
     total = gpu.cuda_total_bytes
+    mps_server = memory.MPS_SERVER_BYTES if mode == "mps" else 0
     problems: list[str] = []
 
     fixed_util = [s for s in services if s.spec.util is not None]
@@ -224,7 +251,7 @@ def fit(gpu: Gpu, specs: Sequence[ServiceSpec], headroom_bytes: int | None = Non
                 "(vLLM: 'To serve at least one request with the model's max seq len ...')"
             )
 
-    available = total - headroom - sum(s.footprint.process for s in services)
+    available = total - headroom - mps_server - sum(s.footprint.process for s in services)
     required = sum(s.kv_required_bytes for s in sized)
     shortfall = max(0, required - available)
     if sized:
@@ -250,10 +277,11 @@ def fit(gpu: Gpu, specs: Sequence[ServiceSpec], headroom_bytes: int | None = Non
         problems.append(
             f"the KV caches need {required / MIB:,.0f} MiB for the wanted concurrency; "
             f"{max(available, 0) / MIB:,.0f} MiB are left after weights, activations, CUDA "
-            f"graphs, contexts and {headroom / MIB:,.0f} MiB headroom: short by "
+            f"graphs, contexts{', the MPS server' if mps_server else ''} and "
+            f"{headroom / MIB:,.0f} MiB headroom: short by "
             f"{shortfall / MIB:,.0f} MiB"
         )
-    over = sum(s.footprint.process for s in services) + headroom - total
+    over = sum(s.footprint.process for s in services) + mps_server + headroom - total
     if not sized and over > 0:
         shortfall = over
         problems.append(
@@ -263,7 +291,7 @@ def fit(gpu: Gpu, specs: Sequence[ServiceSpec], headroom_bytes: int | None = Non
 
     # Started in order, each server must find ceil(util * total) free at its start,
     # after the ones before it and its own CUDA context.
-    started = 0
+    started = mps_server
     for s in services:
         needed = math.ceil(s.gpu_memory_utilization * total)
         free = total - started - s.footprint.context
@@ -275,5 +303,13 @@ def fit(gpu: Gpu, specs: Sequence[ServiceSpec], headroom_bytes: int | None = Non
             )
         started += s.footprint.process
 
+    if mode == "mps":
+        # Each server's cap: its plan plus an equal share of the headroom (never more
+        # than the card has left, so the caps together fit the card).
+        slack = max(0, total - mps_server - sum(s.footprint.process for s in services))
+        for i, s in enumerate(services):
+            limit = s.footprint.process + min(headroom, slack) // len(services)
+            s.mps = sharing.share(s.spec, i, limit)
+
     fits = not problems and all(s.fits for s in services)
-    return Plan(gpu, services, headroom, fits, shortfall, problems)
+    return Plan(gpu, mode, services, headroom, fits, shortfall, problems)

@@ -28,11 +28,13 @@ BLOCK_SIZE = 16  # vLLM's default KV block on CUDA (FlashAttention / FlashInfer)
 # CUDA context and driver state of a server process, created before vLLM's memory
 # snapshot: NVML "used" right before it was 552,402,944 bytes.
 CONTEXT_BYTES = 552_402_944
-# Under CUDA MPS a server is a client of the MPS server, which holds the GPU context for
-# all of them: measured on an H200 (vLLM 0.26.0, driver 580), the same feedback server
-# showed 5,948 MiB in nvidia-smi under MPS and 6,388 MiB without, and the MPS server
-# process 66 MiB (docs/sharing.md).
-MPS_CLIENT_CONTEXT_BYTES = CONTEXT_BYTES - 440 * MIB
+# Under CUDA MPS a server is a client of the MPS server, which holds the GPU context; what
+# a client still shows in nvidia-smi shrinks with its share of the SMs. Measured on an H200
+# (vLLM 0.26.0, driver 580; bench/gpu/results/sharing-2026-11-29), against the same server
+# without MPS: at 100% of the SMs 18-70 MiB less, at 30% 435-441 MiB less, whichever
+# client started first. The plan takes the smaller saving of each and interpolates between
+# them, and does not extrapolate below 30%. The MPS server process itself showed 66 MiB.
+MPS_SAVING_AT_30_PERCENT = 435 * MIB
 MPS_SERVER_BYTES = 66 * MIB
 # Non-torch memory vLLM charged to its budget: 0.22 GiB in every run.
 NON_TORCH_BYTES = round(0.22 * GIB)
@@ -195,15 +197,22 @@ class Footprint:
         return self.budget + self.outside_budget
 
 
+def mps_context_bytes(sm_percent: int) -> int:
+    """The context-like memory of an MPS client with this share of the SMs."""
+    fraction = min(1.0, (100 - sm_percent) / 70)
+    return CONTEXT_BYTES - round(MPS_SAVING_AT_30_PERCENT * fraction)
+
+
 def fixed_costs(
     shape: ModelShape,
     *,
     weights: str,
     max_num_seqs: int,
     max_num_batched_tokens: int,
-    mps: bool = False,
+    context: int = CONTEXT_BYTES,
 ) -> Footprint:
-    """Everything but the KV cache; `mps`: the server runs as a CUDA MPS client."""
+    """Everything but the KV cache; `context`: the CUDA context's share (mps_context_bytes
+    for an MPS client)."""
     return Footprint(
         weights=weights_bytes(shape, weights),
         activation_peak=activation_peak_bytes(shape, max_num_batched_tokens),
@@ -211,5 +220,5 @@ def fixed_costs(
         kv_cache=0,
         cuda_graphs=cuda_graph_bytes(shape, max_num_seqs, max_num_batched_tokens),
         sampler_state=sampler_state_bytes(shape, max_num_seqs),
-        context=MPS_CLIENT_CONTEXT_BYTES if mps else CONTEXT_BYTES,
+        context=context,
     )

@@ -24,10 +24,15 @@ class ServiceSpec:
     weights: str | None = None
     kv_cache_dtype: str = "auto"
     serve: str | None = None  # what vLLM loads (HF id or path); default: model
+    # Under MPS sharing: the share of the GPU's SMs and the client priority; None leaves
+    # the choice to the plan (cohost.plan.sharing).
+    sm_percent: int | None = None
+    priority: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> ServiceSpec:
-        """NAME=MODEL[,max_model_len=N][,max_num_seqs=N][,util=F][,weights=W][,kv=fp8]..."""
+        """NAME=MODEL[,max_model_len=N][,max_num_seqs=N][,util=F][,weights=W][,kv=fp8]
+        [,sm=PERCENT][,priority=normal|low]..."""
         name, sep, rest = text.partition("=")
         if not sep or not name or not rest:
             raise PlanError(f"--service {text!r}: expected NAME=MODEL[,key=value...]")
@@ -57,10 +62,14 @@ class ServiceSpec:
                     fields["kv_cache_dtype"] = value
                 elif key == "serve":
                     fields["serve"] = value
+                elif key == "sm":
+                    fields["sm_percent"] = int(value)
+                elif key == "priority":
+                    fields["priority"] = value
                 else:
                     raise PlanError(
                         f"--service {name}: unknown key {key!r} (max_model_len, max_num_seqs, "
-                        "util, weights, kv, batched_tokens, serve)"
+                        "util, weights, kv, batched_tokens, serve, sm, priority)"
                     )
             except ValueError as exc:
                 if isinstance(exc, PlanError):
@@ -83,4 +92,8 @@ class ServiceSpec:
             parts.append(f"kv={self.kv_cache_dtype}")
         if self.serve:
             parts.append(f"serve={self.serve}")
+        if self.sm_percent is not None:
+            parts.append(f"sm={self.sm_percent}")
+        if self.priority is not None:
+            parts.append(f"priority={self.priority}")
         return ",".join(parts)

@@ -8,22 +8,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from cohost.gpus import Gpu
-from cohost.plan import models
+from cohost.plan import models, sharing
 from cohost.plan.fit import Plan, Suggestion, fit
 from cohost.plan.spec import DEFAULT_MAX_MODEL_LEN, PlanError, ServiceSpec
 
 
-def make_plan(gpu: Gpu, specs: Sequence[ServiceSpec], headroom_bytes: int | None = None) -> Plan:
+def make_plan(
+    gpu: Gpu,
+    specs: Sequence[ServiceSpec],
+    headroom_bytes: int | None = None,
+    mode: str = sharing.DEFAULT_MODE,
+) -> Plan:
     """A plan; when it does not fit, with the smallest changes that make it fit, ranked."""
-    plan = fit(gpu, specs, headroom_bytes)
+    plan = fit(gpu, specs, headroom_bytes, mode)
     if not plan.fits:
-        plan.suggestions = suggest(gpu, list(specs), headroom_bytes)
+        plan.suggestions = suggest(gpu, list(specs), headroom_bytes, mode)
     return plan
 
 
-def _fits(gpu: Gpu, specs: Sequence[ServiceSpec], headroom: int | None) -> bool:
+def _fits(gpu: Gpu, specs: Sequence[ServiceSpec], headroom: int | None, mode: str) -> bool:
     try:
-        return fit(gpu, specs, headroom).fits
+        return fit(gpu, specs, headroom, mode).fits
     except PlanError:
         return False
 
@@ -41,7 +46,9 @@ def _largest(lo: int, hi: int, check: Callable[[int], bool]) -> int | None:
     return lo
 
 
-def _single_changes(gpu: Gpu, specs: list[ServiceSpec], headroom: int | None) -> list[Suggestion]:
+def _single_changes(
+    gpu: Gpu, specs: list[ServiceSpec], headroom: int | None, mode: str
+) -> list[Suggestion]:
     out: list[Suggestion] = []
     for i, spec in enumerate(specs):
         if spec.util is not None:
@@ -55,11 +62,11 @@ def _single_changes(gpu: Gpu, specs: list[ServiceSpec], headroom: int | None) ->
         shape = models.load(spec.model)
         if spec.kv_cache_dtype == "auto":
             cand = with_(kv_cache_dtype="fp8")
-            if _fits(gpu, cand, headroom):
+            if _fits(gpu, cand, headroom, mode):
                 out.append(Suggestion(spec.name, "fp8 KV cache (kv=fp8)", 0.05, tuple(cand)))
         if (spec.weights or shape.weights) in ("bf16", "fp16"):
             cand = with_(weights="awq")
-            if _fits(gpu, cand, headroom):
+            if _fits(gpu, cand, headroom, mode):
                 out.append(
                     Suggestion(
                         spec.name, "4-bit weights (an AWQ/GPTQ checkpoint)", 0.25, tuple(cand)
@@ -67,7 +74,9 @@ def _single_changes(gpu: Gpu, specs: list[ServiceSpec], headroom: int | None) ->
                 )
         max_len = spec.max_model_len or min(shape.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         steps = max_len // 256
-        best = _largest(1, steps - 1, lambda n: _fits(gpu, with_(max_model_len=n * 256), headroom))
+        best = _largest(
+            1, steps - 1, lambda n: _fits(gpu, with_(max_model_len=n * 256), headroom, mode)
+        )
         if best:
             new = best * 256
             out.append(
@@ -79,7 +88,7 @@ def _single_changes(gpu: Gpu, specs: list[ServiceSpec], headroom: int | None) ->
                 )
             )
         seqs = _largest(
-            1, spec.max_num_seqs - 1, lambda n: _fits(gpu, with_(max_num_seqs=n), headroom)
+            1, spec.max_num_seqs - 1, lambda n: _fits(gpu, with_(max_num_seqs=n), headroom, mode)
         )
         if seqs:
             out.append(
@@ -93,8 +102,10 @@ def _single_changes(gpu: Gpu, specs: list[ServiceSpec], headroom: int | None) ->
     return sorted(out, key=lambda s: s.cost)
 
 
-def suggest(gpu: Gpu, specs: list[ServiceSpec], headroom: int | None) -> list[Suggestion]:
-    singles = _single_changes(gpu, specs, headroom)
+def suggest(
+    gpu: Gpu, specs: list[ServiceSpec], headroom: int | None, mode: str
+) -> list[Suggestion]:
+    singles = _single_changes(gpu, specs, headroom, mode)
     if singles:
         return singles
     # No single change is enough: apply the cheapest kinds greedily, then size the rest.
@@ -114,9 +125,9 @@ def suggest(gpu: Gpu, specs: list[ServiceSpec], headroom: int | None) -> list[Su
                 continue
             current[i] = replace(current[i], **{field_: value})  # type: ignore[arg-type]
             steps.append(f"{spec.name}: {change}")
-            if _fits(gpu, current, headroom):
+            if _fits(gpu, current, headroom, mode):
                 return [Suggestion("all", "; ".join(steps), 1.0, tuple(current))]
-    rest = _single_changes(gpu, current, headroom)
+    rest = _single_changes(gpu, current, headroom, mode)
     if rest:
         best = rest[0]
         return [

@@ -55,6 +55,20 @@ def render(plan: Plan) -> str:
         row("  = full-length sequences at once", [f"{s.concurrency:.1f}" for s in plan.services])
     )
     out.append("")
+    if plan.sharing == "mps":
+        out.append(row("CUDA MPS (sharing)", names))
+        shares = [s.mps for s in plan.services]
+        out.append(row("share of the SMs", [f"{m.sm_percent}%" if m else "" for m in shares]))
+        out.append(row("client priority", [m.priority if m else "" for m in shares]))
+        out.append(
+            row(
+                "memory limit (MiB)",
+                [_mib(m.memory_limit_bytes) if m else "" for m in shares],
+            )
+        )
+    else:
+        out.append("  sharing: time-slicing (the driver alternates the servers; no MPS)")
+    out.append("")
     out.append(row("memory (MiB)", names))
     parts: list[tuple[str, Callable[[Footprint], int]]] = [
         ("weights", lambda f: f.weights),
@@ -70,8 +84,13 @@ def render(plan: Plan) -> str:
     for label, get in parts:
         out.append(row(label, [_mib(get(s.footprint)) for s in plan.services]))
     out.append("")
+    server = (
+        f" (with the MPS server, {_mib(plan.mps_server_bytes)} MiB)"
+        if plan.mps_server_bytes
+        else ""
+    )
     out.append(
-        f"predicted use {_mib(plan.used_bytes)} MiB of {_mib(gpu.cuda_total_bytes)} MiB; "
+        f"predicted use {_mib(plan.used_bytes)} MiB of {_mib(gpu.cuda_total_bytes)} MiB{server}; "
         f"headroom kept {_mib(plan.headroom_bytes)} MiB; free {_mib(plan.free_bytes)} MiB"
     )
     for s in plan.services:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import httpx2
 from cohost_shared.metrics import VLLM_RUNNING, VLLM_WAITING, Metrics
 
 from cohost import gpus, nvml
-from cohost.plan import envfile
+from cohost.plan import envfile, memory
 from cohost.units import MIB
 
 # A GPU process may use this much more than its plan before status calls it over.
@@ -148,11 +148,28 @@ def check_worker(url: str, *, timeout: float = 3.0) -> Check:
 
 
 @dataclass(frozen=True)
+class MpsShare:
+    """A service's planned MPS share, as the env file gives it."""
+
+    sm_percent: int
+    client_priority: int
+    memory_limit_bytes: int
+
+    def describe(self) -> str:
+        priority = {0: "normal", 1: "low"}.get(self.client_priority, str(self.client_priority))
+        return (
+            f"{self.sm_percent}% of SMs, {priority} priority, "
+            f"cap {self.memory_limit_bytes / MIB:,.0f} MiB"
+        )
+
+
+@dataclass(frozen=True)
 class PlannedService:
     name: str
     expected_bytes: int
     served_model_name: str
     model: str
+    mps: MpsShare | None = None
 
 
 def read_plan(path: Path) -> tuple[dict[str, str], list[PlannedService]]:
@@ -163,15 +180,34 @@ def read_plan(path: Path) -> tuple[dict[str, str], list[PlannedService]]:
         if key.endswith(suffix):
             upper = key.removesuffix(suffix)
             name = upper.lower().replace("_", "-")
+            mps = f"{upper}_ENGINE_MPS_"
+            share = None
+            if values.get("COHOST_SHARING") == "mps":
+                share = MpsShare(
+                    int(values[mps + "ACTIVE_THREAD_PERCENTAGE"]),
+                    int(values[mps + "CLIENT_PRIORITY"]),
+                    int(values[mps + "PINNED_MEMORY_BYTES"]),
+                )
             services.append(
                 PlannedService(
                     name=name,
                     expected_bytes=int(value),
                     served_model_name=values.get(f"{upper}_ENGINE_SERVED_MODEL_NAME", name),
                     model=values.get(f"{upper}_ENGINE_MODEL", ""),
+                    mps=share,
                 )
             )
     return values, services
+
+
+def sharing_of(values: dict[str, str]) -> str:
+    """The plan's GPU sharing; a plan written before MPS was made for time-slicing."""
+    return values.get("COHOST_SHARING", "time-slicing")
+
+
+# How an MPS server process shows up (nvidia-smi, /proc): it holds the GPU context of its
+# clients, so it is part of a plan that shares through MPS.
+MPS_SERVER = "nvidia-cuda-mps-server"
 
 
 def _owner(process: nvml.GpuProcess, services: list[PlannedService]) -> PlannedService | None:
@@ -197,7 +233,7 @@ def check_gpu_memory(
     if plan_path is not None:
         try:
             plan_values, services = read_plan(plan_path)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError) as exc:
             return Check("gpu", "unhealthy", f"cannot read the plan {plan_path}: {exc}")
     try:
         reading = read()
@@ -216,19 +252,26 @@ def check_gpu_memory(
         row: dict[str, Any] = {
             "pid": p.pid,
             "used_bytes": p.used_bytes,
-            "service": owner.name if owner else None,
+            "service": owner.name if owner else ("mps-server" if MPS_SERVER in p.name else None),
             "name": p.name,
         }
         processes.append(row)
         if owner:
             by_service[owner.name] = by_service.get(owner.name, 0) + p.used_bytes
-    planned_total = sum(s.expected_bytes for s in services)
+    # Under MPS the plan holds one MPS server too (it keeps the clients' GPU context).
+    mps_server = memory.MPS_SERVER_BYTES if any(s.mps for s in services) else 0
+    planned_total = sum(s.expected_bytes for s in services) + mps_server
     per_service: list[dict[str, Any]] = []
     for s in services:
         used = by_service.get(s.name)
         over = used is not None and used > s.expected_bytes * (1 + OVER_PLAN_TOLERANCE)
         per_service.append(
-            {"service": s.name, "used_bytes": used, "expected_bytes": s.expected_bytes}
+            {
+                "service": s.name,
+                "used_bytes": used,
+                "expected_bytes": s.expected_bytes,
+                "mps": None if s.mps is None else asdict(s.mps),
+            }
         )
         if over and used is not None:
             problems.append(
@@ -258,6 +301,7 @@ def check_gpu_memory(
         "used_bytes": reading.used_bytes,
         "free_bytes": reading.free_bytes,
         "plan": str(plan_path) if plan_path else None,
+        "sharing": sharing_of(plan_values) if services else None,
         "planned_bytes": planned_total or None,
         "services": per_service,
         "processes": processes,
@@ -268,10 +312,16 @@ def check_gpu_memory(
         f"{reading.cuda_total_bytes / MIB:,.0f} MiB used, {reading.free_bytes / MIB:,.0f} free"
     )
     if services:
-        summary += f"; plan {planned_total / MIB:,.0f} MiB"
+        summary += f"; plan {planned_total / MIB:,.0f} MiB, {_sharing_summary(services)}"
     if problems:
         return Check("gpu", "unhealthy", summary + "; " + "; ".join(problems), details)
     return Check("gpu", "ok", summary, details)
+
+
+def _sharing_summary(services: list[PlannedService]) -> str:
+    if not any(s.mps for s in services):
+        return "time-slicing"
+    return "MPS: " + "; ".join(f"{s.name} {s.mps.describe()}" for s in services if s.mps)
 
 
 def _context_slack(reading: nvml.GpuReading) -> int:

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One step of a GPU session through the device tool (a `run` call each), from the repo root:
+#
+#   bash bench/gpu/device.sh part N        # copy the carried bundle part .gpu/...part-0N aside
+#   bash bench/gpu/device.sh probe         # + MPS probe (torch only): $OUT/probe.json
+#   bash bench/gpu/device.sh start ARGS    # unpack the bundle, install .whl, start
+#                                          # sharing_run.py ARGS in the background, then wait
+#   bash bench/gpu/device.sh wait [S]      # wait up to S seconds (default 540) for progress
+#   bash bench/gpu/device.sh skip          # ask the run to skip its optional steps
+#
+# Every call leaves the run's results so far in $OUT/run.tgz and prints the latest lines.
+# The run itself is started with setsid, so it outlives the call while the machine is warm.
+set -uo pipefail
+RUN=/tmp/cohost-run
+PARTS=/tmp/parts
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PATH="/usr/local/nvidia/bin:$PATH" VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+
+collect() {
+  mkdir -p "$RUN"
+  tar -C "$RUN" -czf "$OUT/run.tgz" --exclude='*.lock' --exclude='mps-pipe' . 2>/dev/null
+  echo "== progress (last lines)"; tail -n 25 "$RUN/progress.log" 2>/dev/null | cut -c1-400
+  nvidia-smi --query-gpu=memory.used,memory.total,utilization.gpu --format=csv,noheader 2>/dev/null
+}
+
+case "${1:-}" in
+  part)
+    mkdir -p "$PARTS" && cp ".gpu/vllm-site.tar.xz.part-0$2" "$PARTS/" && ls -l "$PARTS"
+    nvidia-smi -L 2>/dev/null; python3 -c 'import torch; print(torch.__version__, torch.cuda.is_available())'
+    ;;
+  probe)
+    python3 bench/gpu/mps_probe.py "$OUT/probe.json" 2>&1 | tail -n 60
+    ;;
+  start)
+    shift
+    if [ ! -d /tmp/site/vllm ]; then
+      cat "$PARTS"/vllm-site.tar.xz.part-* | tar -xJ -C /tmp || exit 1
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    python3 -c 'import vllm, structlog, tenacity, openai, httpx2; print("vllm", vllm.__version__)' || exit 1
+    mkdir -p "$RUN"
+    setsid nohup python3 bench/gpu/sharing_run.py "$RUN" "$@" > "$RUN/progress.log" 2>&1 < /dev/null &
+    echo "started: sharing_run.py $RUN $*"
+    bash "$0" wait "${WAIT_S:-480}"
+    ;;
+  wait)
+    deadline=$((SECONDS + ${2:-540}))
+    while [ $SECONDS -lt $deadline ] && [ ! -e "$RUN/done" ]; do sleep 5; done
+    collect
+    [ -e "$RUN/done" ] && echo "== run done"
+    ;;
+  skip)
+    mkdir -p "$RUN" && touch "$RUN/skip-optional" && echo "optional steps will be skipped"
+    collect
+    ;;
+  *)
+    echo "usage: $0 part N | probe | start ARGS | wait [S] | skip" >&2; exit 2 ;;
+esac

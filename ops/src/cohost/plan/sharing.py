@@ -1,0 +1,89 @@
+"""How the servers share the GPU's compute: CUDA MPS (the default) or time-slicing.
+
+Time-slicing is the driver's default: the GPU runs one process's kernels at a time and
+switches between processes, so while the feedback server is busy each of the chatbot's
+steps waits its turn. Chat's time per output token doubled in every such measurement,
+with 2 feedback sequences in flight as with 32 (docs/sharing.md).
+
+Under MPS both servers are clients of one MPS server and their kernels run at the same
+time. When a client starts, CUDA reads its share of the SMs
+(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), its priority (CUDA_MPS_CLIENT_PRIORITY: 0 normal,
+1 below normal) and a cap on the memory it may allocate (CUDA_MPS_PINNED_DEVICE_MEM_LIMIT).
+
+The plan's defaults: the first service (the interactive one, started first) gets every SM
+at normal priority; each other service is a batch client with BATCH_SM_PERCENT of the SMs
+at low priority. Each server's memory cap is its planned memory plus an equal share of the
+plan's headroom, so a server that outgrows its plan fails alone, with an out-of-memory error,
+instead of taking the other's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cohost.plan.spec import PlanError, ServiceSpec
+from cohost.units import MIB
+
+MODES = ("mps", "time-slicing")
+DEFAULT_MODE = "mps"
+
+INTERACTIVE_SM_PERCENT = 100
+# The batch (feedback) server's share of the SMs: measured in docs/sharing.md.
+BATCH_SM_PERCENT = 30
+PRIORITIES = {"normal": 0, "low": 1}
+
+
+@dataclass(frozen=True)
+class MpsShare:
+    """One MPS client's share: what `cohost launch` puts in vLLM's environment."""
+
+    sm_percent: int
+    priority: str  # a key of PRIORITIES
+    memory_limit_bytes: int  # a whole number of MiB (CUDA takes the limit in M or G)
+
+    @property
+    def client_priority(self) -> int:
+        return PRIORITIES[self.priority]
+
+    def describe(self) -> str:
+        return (
+            f"{self.sm_percent}% of SMs, {self.priority} priority, "
+            f"limit {self.memory_limit_bytes / MIB:,.0f} MiB"
+        )
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise PlanError(f"--sharing {mode!r}: use one of {', '.join(MODES)}")
+
+
+def check_spec(spec: ServiceSpec, mode: str) -> None:
+    """sm= and priority= are MPS settings: refuse them where they would mean nothing."""
+    given = [k for k, v in (("sm", spec.sm_percent), ("priority", spec.priority)) if v is not None]
+    if given and mode != "mps":
+        raise PlanError(
+            f"{spec.name}: {' and '.join(given)} set how MPS shares the GPU; "
+            f"--sharing {mode} has no shares (use --sharing mps or drop them)"
+        )
+    if spec.sm_percent is not None and not 1 <= spec.sm_percent <= 100:
+        raise PlanError(f"{spec.name}: sm={spec.sm_percent} must be a percentage from 1 to 100")
+    if spec.priority is not None and spec.priority not in PRIORITIES:
+        raise PlanError(
+            f"{spec.name}: priority={spec.priority!r}; use one of {', '.join(PRIORITIES)}"
+        )
+
+
+def sm_percent(spec: ServiceSpec, index: int) -> int:
+    """The service's share of the SMs: its spec's, else the default for its place in the
+    order (the first is interactive, the others batch)."""
+    if spec.sm_percent is not None:
+        return spec.sm_percent
+    return INTERACTIVE_SM_PERCENT if index == 0 else BATCH_SM_PERCENT
+
+
+def share(spec: ServiceSpec, index: int, memory_limit_bytes: int) -> MpsShare:
+    return MpsShare(
+        sm_percent=sm_percent(spec, index),
+        priority=spec.priority or ("normal" if index == 0 else "low"),
+        memory_limit_bytes=memory_limit_bytes // MIB * MIB,
+    )
