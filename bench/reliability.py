@@ -78,7 +78,6 @@ from feedback.settings import DEFAULT_SYSTEM_PROMPT, WorkerSettings  # noqa: E40
 from google.api_core import exceptions as gexc  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
 from tests.support import (  # noqa: E402
     ENGINE_MAX_MODEL_LEN,
     ENGINE_MAX_NUM_SEQS,
