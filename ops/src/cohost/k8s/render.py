@@ -6,7 +6,7 @@
 - `unit-gpu.yaml`: a patch for every unit Deployment: each engine container's GPU shares,
   the node labels and machine types the shares need, and the plan's hash on the Pod
   template, so a new plan rolls the units.
-- `chat-scaling.yaml`: the chat trigger's target per unit, the chatbot's max_num_seqs.
+- `chat-scaling.yaml`: the chat trigger's target per unit, from the chatbot's max_num_seqs.
 - `cluster/device-plugin-config.yaml` (GPU Operator only): the device plugin's sharing
   config for the cluster admin to apply.
 
@@ -16,6 +16,7 @@ Each file records the command that wrote it; tests re-run it and compare.
 from __future__ import annotations
 
 import hashlib
+import math
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,11 @@ from cohost.plan import envfile
 from cohost.units import MIB
 
 PLAN_CONFIGMAP = "cohost-plan"
+# Chat units scale when their chatbots run this fraction of max_num_seqs on average: a new
+# unit takes 5-15 minutes to serve (node, image, two servers one after the other), and the
+# headroom keeps requests from queueing meanwhile (bench/capacity: at the full max_num_seqs
+# a ramp of chat load queues for most of an hour).
+CHAT_TARGET_FRACTION = 0.75
 DEVICE_PLUGIN_CONFIG = "cohost-unit"  # the key nodes select with nvidia.com/device-plugin.config
 
 
@@ -120,15 +126,10 @@ def unit_patch(unit: Unit, request: gpus.GpuRequest, values: dict[str, str]) -> 
 
 
 def chat_scaling(unit: Unit) -> list[dict[str, Any]]:
-    # A chatbot runs at most max_num_seqs requests at once; more wait in its queue, so the
-    # chat units scale when running + waiting per unit passes it.
-    return [
-        {
-            "op": "replace",
-            "path": "/spec/triggers/0/metadata/threshold",
-            "value": str(unit.engine("chatbot").max_num_seqs),
-        }
-    ]
+    # A chatbot runs at most max_num_seqs requests at once; more wait in its queue. The
+    # target per unit leaves headroom below that for the time a new unit takes to start.
+    target = max(1, math.floor(unit.engine("chatbot").max_num_seqs * CHAT_TARGET_FRACTION))
+    return [{"op": "replace", "path": "/spec/triggers/0/metadata/threshold", "value": str(target)}]
 
 
 def device_plugin_config(unit: Unit, request: gpus.GpuRequest) -> dict[str, Any]:
