@@ -594,3 +594,41 @@ def test_a_plan_no_share_split_holds_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(UnitError, match="re-plan"):
         k8s_gpu.gke(k8s_unit.from_plan(values))
+
+
+# ---------------------------------------------------------------- Pub/Sub IAM for setup
+
+
+def test_setup_grants_the_service_agent_once() -> None:
+    from feedback.pubsub import add_member, service_agent
+    from google.iam.v1 import policy_pb2
+
+    agent = service_agent(123456789012)
+    assert agent == "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceaccount.com"
+    policy = policy_pb2.Policy()
+    policy.bindings.add(role="roles/pubsub.viewer", members=["user:a@example.com"])
+    assert add_member(policy, "roles/pubsub.publisher", agent) is True
+    assert add_member(policy, "roles/pubsub.publisher", agent) is False  # idempotent
+    assert add_member(policy, "roles/pubsub.viewer", agent) is True
+    roles = {b.role: list(b.members) for b in policy.bindings}
+    assert roles == {
+        "roles/pubsub.viewer": ["user:a@example.com", agent],
+        "roles/pubsub.publisher": [agent],
+    }
+
+
+def test_setup_says_what_dead_lettering_needs_without_the_project_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from feedback.pubsub import grant_dead_letter_roles
+
+    for key in list(os.environ):
+        if key.startswith(("FEEDBACK_", "PUBSUB_", "GOOGLE_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "my-project")
+    # Without the number nothing is asked of Pub/Sub: the clients are not touched.
+    (hint,) = grant_dead_letter_roles(WorkerSettings(), None, None)  # type: ignore[arg-type]
+    assert "FEEDBACK_PROJECT_NUMBER" in hint
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:1")
+    monkeypatch.setenv("FEEDBACK_PROJECT_NUMBER", "123")
+    assert grant_dead_letter_roles(WorkerSettings(), None, None) == []  # type: ignore[arg-type]
