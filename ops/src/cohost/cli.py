@@ -5,6 +5,7 @@ cohost engine install        install the CPU engine and its models (done by `up`
 cohost plan                  size vLLM servers to fit one GPU; write the env file
 cohost launch SERVICE        the vLLM containers' entrypoint: preflight, start gate, exec vLLM
 cohost status                engines, worker and GPU memory against the plan, at a glance
+cohost k8s PLAN              what a Kubernetes overlay reads from a plan (deploy/k8s/)
 """
 
 from __future__ import annotations
@@ -89,6 +90,20 @@ def _status(args: argparse.Namespace) -> int:
     )
 
 
+def _k8s(args: argparse.Namespace) -> int:
+    from cohost.k8s import render
+    from cohost.k8s.unit import UnitError
+
+    try:
+        written = render.write(args.plan, args.platform, args.write, args.argv)
+    except (UnitError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cohost", description="Two LLM workloads on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, metavar="SECONDS", help="repeat until Ctrl-C")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds per HTTP call")
     status.set_defaults(func=_status)
+
+    from cohost.k8s.gpu import PLATFORMS
+
+    k8s = sub.add_parser(
+        "k8s",
+        help="generate what a Kubernetes overlay reads from a plan",
+        description="Write the plan as a ConfigMap, each engine's GPU shares and node "
+        "placement, and the chat scaling target, for one platform (docs/kubernetes.md).",
+    )
+    k8s.add_argument("plan", type=Path, metavar="PLAN", help="the plan's env file (deploy/*.env)")
+    k8s.add_argument("--platform", required=True, choices=PLATFORMS)
+    k8s.add_argument(
+        "--write", required=True, type=Path, metavar="DIR", help="the overlay's generated/ folder"
+    )
+    k8s.set_defaults(func=_k8s)
     return parser
 
 

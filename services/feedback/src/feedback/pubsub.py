@@ -129,9 +129,63 @@ class PubSubSink:
         await asyncio.to_thread(self._publisher.stop)
 
 
+def service_agent(project_number: int) -> str:
+    """Pub/Sub's own service account in a project: it forwards dead letters."""
+    return f"serviceAccount:service-{project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+
+
+def add_member(policy: Any, role: str, member: str) -> bool:
+    """Give `member` `role` in an IAM policy (google.iam.v1 Policy); False if it had it."""
+    for binding in policy.bindings:
+        if binding.role == role and not binding.condition.expression:
+            if member in binding.members:
+                return False
+            binding.members.append(member)
+            return True
+    policy.bindings.add(role=role, members=[member])
+    return True
+
+
+def grant_dead_letter_roles(
+    settings: WorkerSettings,
+    publisher: pubsub_v1.PublisherClient,
+    subscriber: pubsub_v1.SubscriberClient,
+) -> list[str]:
+    """What Pub/Sub needs to forward a message after max_delivery_attempts: publish on the
+    dead-letter topic, subscribe on the source subscription (Pub/Sub's dead-letter topics
+    guide). Without them the policy is accepted but nothing is forwarded."""
+    if settings.pubsub_emulator_host:
+        return []  # the emulator has no IAM
+    if settings.project_number is None:
+        return [
+            "dead letters: set FEEDBACK_PROJECT_NUMBER to let setup grant the Pub/Sub service "
+            "agent roles/pubsub.publisher on "
+            f"{settings.dead_letter_topic} and roles/pubsub.subscriber on "
+            f"{settings.requests_subscription}, or grant them yourself (docs/kubernetes.md)"
+        ]
+    project = settings.project_id()
+    dead_letters = publisher.topic_path(project, settings.dead_letter_topic)
+    requests = subscriber.subscription_path(project, settings.requests_subscription)
+    agent = service_agent(settings.project_number)
+    done = []
+    for client, resource, role in (
+        (publisher, dead_letters, "roles/pubsub.publisher"),
+        (subscriber, requests, "roles/pubsub.subscriber"),
+    ):
+        policy = client.get_iam_policy(request={"resource": resource})
+        name = resource.rsplit("/", 1)[-1]
+        if add_member(policy, role, agent):
+            client.set_iam_policy(request={"resource": resource, "policy": policy})
+            done.append(f"granted {role} on {name} to the Pub/Sub service agent")
+        else:
+            done.append(f"the Pub/Sub service agent has {role} on {name}")
+    return done
+
+
 def ensure_topology(settings: WorkerSettings) -> list[str]:
     """Create the topics and subscriptions if missing; fix the worker subscription's
-    dead-letter policy if it differs. Idempotent. Returns what it did, line by line."""
+    dead-letter policy if it differs; on Google Cloud, grant the Pub/Sub service agent what
+    dead-lettering needs. Idempotent. Returns what it did, line by line."""
     project = settings.project_id()
     publisher = pubsub_v1.PublisherClient()
     subscriber = pubsub_v1.SubscriberClient()
@@ -193,6 +247,7 @@ def ensure_topology(settings: WorkerSettings) -> list[str]:
             done.append(f"created subscription {sub_name}")
         except gexc.AlreadyExists:
             done.append(f"subscription {sub_name} exists")
+    done.extend(grant_dead_letter_roles(settings, publisher, subscriber))
     publisher.stop()
     subscriber.close()
     return done

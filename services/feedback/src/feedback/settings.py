@@ -38,6 +38,9 @@ class WorkerSettings(BaseSettings):
     results_subscription: str = messages.RESULTS_SUBSCRIPTION
     dead_letter_subscription: str = messages.DEAD_LETTER_SUBSCRIPTION
     max_delivery_attempts: int = Field(default=messages.MAX_DELIVERY_ATTEMPTS, ge=5, le=100)
+    # The project's number (not its id): names the Pub/Sub service agent, which `setup`
+    # grants what the dead-letter policy needs (docs/kubernetes.md#identity-and-iam).
+    project_number: int | None = Field(default=None, gt=0)
     ack_deadline_s: int = Field(default=60, ge=10, le=600)
     # Leases are extended automatically up to this; well above the slowest generation.
     max_lease_s: float = Field(default=3600.0, ge=60.0)
