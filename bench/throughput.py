@@ -44,7 +44,7 @@ from cohost.processes import (
 from cohost_shared import messages
 from cohost_shared.messages import FeedbackRequest
 from feedback.prompts import build_messages
-from feedback.settings import DEFAULT_SYSTEM_PROMPT
+from feedback.settings import DEFAULT_SYSTEM_PROMPT, WorkerSettings
 
 TEXT = (
     "Water moves between the sea, the air and the land. It evaporates from the ocean, "
@@ -56,12 +56,15 @@ async def direct(base_url: str, n: int, concurrency: int, max_tokens: int) -> fl
     client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=600)
     gate = asyncio.Semaphore(concurrency)
 
+    sampling = WorkerSettings(project="bench")  # the worker's own defaults
+
     async def one(i: int) -> None:
         messages = build_messages(FeedbackRequest(text=TEXT.format(i=i)), DEFAULT_SYSTEM_PROMPT)
         async with gate:
             await client.chat.completions.create(
                 model="feedback", messages=messages,  # type: ignore[arg-type]
-                max_tokens=max_tokens, temperature=0.3,
+                max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                extra_body={"repetition_penalty": sampling.repetition_penalty},
             )  # fmt: skip
 
     started = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -266,6 +267,32 @@ def test_worker_metrics_of_a_real_worker_waiting_for_its_engine(tmp_path: Path) 
         assert check.details["rss_bytes"] > 10 * MIB
     finally:
         worker.stop()
+
+
+def test_worker_with_its_metrics_port_taken_says_so_in_one_line() -> None:
+    """The worker cannot serve its metrics: one line naming the port and the setting, a
+    non-zero exit, no traceback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(
+            os.environ,
+            GOOGLE_CLOUD_PROJECT="status-test",
+            PUBSUB_EMULATOR_HOST=f"127.0.0.1:{free_port()}",
+            FEEDBACK_METRICS_HOST="127.0.0.1",
+            FEEDBACK_METRICS_PORT=str(port),
+        )
+        done = subprocess.run(
+            [console_script("feedback-worker")], env=env, capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"127.0.0.1:{port}" in lines[0]
+    assert "FEEDBACK_METRICS_PORT" in lines[0]
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.engine

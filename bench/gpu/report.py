@@ -3,7 +3,7 @@
     uv run python bench/gpu/report.py calibration|trials|sharing
 
 Reads deploy/calibration/ and bench/gpu/results/; prints Markdown. The numbers in
-docs/calibration.md and bench/gpu/results/README.md are this script's output.
+docs/calibration.md and docs/sharing.md are this script's output.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 for sub in ("ops/src", "shared/src"):
@@ -92,49 +93,108 @@ def trials() -> None:
         )
 
 
+PHASE_NAMES = ("chat_alone", "feedback_alone", "raw_sharing", "chat_first", "chat_first_idle")
+RUN = RESULTS / "sharing-2026-11-29"
+
+
+def _phase_row(label: str, p: dict[str, Any]) -> str:
+    chat, fb = p.get("chat"), p.get("feedback")
+    ttft = f"{chat['ttft_ms_p50']:.1f} / {chat['ttft_ms_p99']:.1f}" if chat else ""
+    tpot = f"{chat['tpot_ms_p50']:.2f} / {chat['tpot_ms_p99']:.2f}" if chat else ""
+    req = f"{fb['requests_per_s']:.1f}" if fb else ""
+    tok = f"{fb['tokens_per_s']:,.0f}" if fb else ""
+    return f"| {label} | {ttft} | {tpot} | {req} | {tok} |"
+
+
 def sharing() -> None:
-    for name in ("sharing-l4-h200", "sharing-rtx5090-h200", "sharing-rtx5090-h100-diagnostic"):
-        data = json.loads((RESULTS / f"{name}.json").read_text())
-        phases = {p["phase"]: p for p in data["phases"]}
-        args = data["args"]
-        print(
-            f"\n**{name}** (4 chat users x {args['chat_prompt_tokens']}-token prompts, "
-            f"{args['chat_max_tokens']} tokens out; feedback {args['feedback_in_flight']} in "
-            f"flight x {args['feedback_prompt_tokens']} in / {args['feedback_max_tokens']} out; "
-            f"chat-first floor {args['busy_in_flight']}; {args['duration']:.0f} s per phase)\n"
-        )
-        print(
-            "| phase | chat TTFT p50 / p99 ms | chat TPOT p50 / p99 ms | feedback req/s | feedback tok/s |"
-        )
+    """The 2026-11-29 run: phases per profile and sharing, the goals, faults, memory."""
+    rows = [json.loads(line) for line in (RUN / "results.jsonl").read_text().splitlines()]
+    for profile in ("l4", "rtx5090"):
+        phases = {
+            (r["sharing"], r["setting"], r["phase"]): r
+            for r in rows
+            if r["step"] == "phase" and r["profile"] == profile
+        }
+        print(f"\n**{profile}** (H200 held to the card's memory)\n")
+        print("| sharing, phase | chat TTFT p50 / p99 ms | chat TPOT p50 / p99 ms "
+              "| feedback req/s | feedback tok/s |")  # fmt: skip
         print("|---|---|---|---|---|")
-        for phase in (
-            "chat_alone",
-            "feedback_alone",
-            "raw_sharing",
-            "chat_first",
-            "chat_first_idle",
-        ):
-            if phase not in phases:
-                continue
-            p = phases[phase]
-            chat, fb = p.get("chat"), p.get("feedback")
-            ttft = f"{chat['ttft_ms_p50']:.1f} / {chat['ttft_ms_p99']:.1f}" if chat else ""
-            tpot = f"{chat['tpot_ms_p50']:.2f} / {chat['tpot_ms_p99']:.2f}" if chat else ""
-            req = f"{fb['requests_per_s']:.1f}" if fb else ""
-            tok = f"{fb['tokens_per_s']:,.0f}" if fb else ""
-            print(f"| {phase} | {ttft} | {tpot} | {req} | {tok} |")
-        if {"chat_alone", "raw_sharing", "chat_first", "feedback_alone"} <= phases.keys():
-            alone = phases["chat_alone"]["chat"]["tpot_ms_p50"]
-            solo = phases["feedback_alone"]["feedback"]["requests_per_s"]
-            print(
-                f"\nchat TPOT p50 vs alone: raw x{phases['raw_sharing']['chat']['tpot_ms_p50'] / alone:.2f}, "
-                f"chat-first x{phases['chat_first']['chat']['tpot_ms_p50'] / alone:.2f} (goal <= 1.2); "
-                f"feedback while chat busy vs standalone: raw "
-                f"{phases['raw_sharing']['feedback']['requests_per_s'] / solo:.0%}, chat-first "
-                f"{phases['chat_first']['feedback']['requests_per_s'] / solo:.0%} (goal >= 50%); "
-                f"chat-first while chat idle "
-                f"{phases['chat_first_idle']['feedback']['requests_per_s'] / solo:.0%} (goal >= 95%)"
+        for (mode, setting, name), r in phases.items():
+            label = f"{mode}, {name}" + ("" if setting == "planned" else f" ({setting})")
+            print(_phase_row(label, r))
+        alone = phases[("time-slicing", "planned", "chat_alone")]["chat"]
+        solo = phases[("time-slicing", "planned", "feedback_alone")]["feedback"]["tokens_per_s"]
+        print(
+            f"\nAgainst chat alone without MPS (TPOT p50 {alone['tpot_ms_p50']:.2f} ms, TTFT p99 "
+            f"{alone['ttft_ms_p99']:.1f} ms) and feedback alone without MPS ({solo:,.0f} tok/s):\n"
+        )
+        print("| sharing | chat TPOT p50 while feedback runs (goal <= 1.2x) | chat TTFT p99 "
+              "(goal <= 1.5x) | feedback while chat busy (goal >= 50%) | feedback while chat "
+              "idle (goal >= 95%) |")  # fmt: skip
+        print("|---|---|---|---|---|")
+        for mode in ("time-slicing", "mps"):
+            both = phases[(mode, "planned", "raw_sharing")]
+            # Chat idle: feedback with chat-first on and no chat; where that phase was not
+            # run (time-slicing on the second profile), feedback alone is the baseline itself.
+            idle = phases.get((mode, "planned", "chat_first_idle"))
+            idle_cell = (
+                f"{idle['feedback']['tokens_per_s'] / solo:.0%}" if idle else "(the baseline)"
             )
+            print(
+                f"| {mode} | x{both['chat']['tpot_ms_p50'] / alone['tpot_ms_p50']:.2f} "
+                f"| x{both['chat']['ttft_ms_p99'] / alone['ttft_ms_p99']:.2f} "
+                f"| {both['feedback']['tokens_per_s'] / solo:.0%} | {idle_cell} |"
+            )
+    print("\n**Faults** (l4, MPS, chat and feedback load running)\n")
+    print("| fault | engines | back after | chat errors (window) | chat TPOT p50 during | "
+          "feedback requests answered / lost |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["step"] not in ("feedback-kill", "mps-kill"):
+            continue
+        fb = r["feedback"]
+        if r["step"] == "feedback-kill":
+            what, engines = "feedback engine SIGKILL", "feedback restarted by its launcher"
+            back = f"{r['restarted_healthy_s']:.0f} s"
+        else:
+            what = "MPS server SIGKILL"
+            hung = ", ".join(r["engines_hung_then_killed"]) or "none"
+            engines = f"exited: {', '.join(r['engines_exited']) or 'none'}; hung: {hung}"
+            back = ", ".join(f"{k} {v:.0f} s" for k, v in r["restarted_healthy_s"].items())
+        window = (
+            f"{r['chat_error_count']} ({r['chat_errors_from_s']:.0f}-{r['chat_errors_until_s']:.0f} s)"
+            if r["chat_error_count"] else "0"
+        )  # fmt: skip
+        print(
+            f"| {what} | {engines} | {back} | {window} | {r['during']['tpot_ms_p50']:.2f} ms "
+            f"| {fb['answered']:,} of {fb['requests']:,} / {fb['lost']} |"
+        )
+    print("\n**Memory** (nvidia-smi per server against the plan it ran with)\n")
+    print(
+        "| profile, sharing | server | plan MiB | nvidia-smi MiB | MPS cap MiB | started after s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["step"] != "pair":
+            continue
+        name = (
+            f"{r['profile']}.env" if r["sharing"] == "mps" else f"{r['profile']}-time-slicing.env"
+        )
+        plan = envfile.read(RUN / "plans" / name)
+        for n in ("chatbot", "feedback"):
+            p = envfile.prefix(n)
+            cap = plan.get(p + "MPS_PINNED_MEMORY_BYTES")
+            print(
+                f"| {r['profile']}, {r['sharing']} | {n} "
+                f"| {int(plan[p + 'EXPECTED_PROCESS_BYTES']) / MIB:,.0f} "
+                f"| {r['nvidia_smi_mib'][n]:,} | {int(cap) / MIB:,.0f} "
+                if cap
+                else f"| {r['profile']}, {r['sharing']} | {n} "
+                f"| {int(plan[p + 'EXPECTED_PROCESS_BYTES']) / MIB:,.0f} "
+                f"| {r['nvidia_smi_mib'][n]:,} | - ",
+                end="",
+            )
+            print(f"| {r['healthy_s'][n]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ class EngineClient:
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=max_tokens,
                 temperature=self._settings.temperature,
+                top_p=self._settings.top_p,
+                extra_body={"repetition_penalty": self._settings.repetition_penalty},
             )
         except Exception as exc:
             raise classify(exc) from exc
