@@ -9,7 +9,17 @@ from dataclasses import replace
 import pytest
 
 from bench.capacity import run
-from bench.capacity.sim import Burst, Policy, Scaler, Scenario, engines, load_measured, simulate
+from bench.capacity.sim import (
+    Burst,
+    Policy,
+    Scaler,
+    Scenario,
+    chat_slowdown,
+    engines,
+    feedback_shares,
+    load_measured,
+    simulate,
+)
 from tests.test_k8s import OVERLAYS, kustomize
 
 MEASURED = load_measured()
@@ -49,7 +59,7 @@ def test_l4_estimates_follow_the_bandwidth_and_never_beat_the_h200() -> None:
 @pytest.mark.parametrize("units", [1, 4])
 def test_backlog_drains_at_the_units_rate(units: int) -> None:
     m = instant(MEASURED)
-    m["feedback"]["share_while_chat_busy"] = 0.0
+    m["feedback"]["h200_mps_tokens_per_s_chat_busy"] = 0.0  # no chat here: unused
     requests = 20_000.0
     result = simulate(Scenario("drain", 3, lambda t: 0, (Burst(600, requests),)), policy(units), m)
     assert result.burst_peak == units
@@ -78,6 +88,43 @@ def test_metric_lag_and_start_time_delay_the_drain() -> None:
     delay = real.unit_start_s + start["node_provision_s"] + start["image_pull_s"]
     # Meanwhile the idle chat unit drains alone, at 1/5 of what the five engines do later.
     assert real.drained_after_s - fast.drained_after_s >= delay * 4 / 5
+
+
+def test_shares_are_the_measured_mps_throughput_over_the_whole_gpu() -> None:
+    busy, idle = feedback_shares(MEASURED)
+    fb = MEASURED["feedback"]
+    assert busy == fb["h200_mps_tokens_per_s_chat_busy"] / fb["h200_tokens_per_s"]
+    assert idle == fb["h200_mps_tokens_per_s_chat_idle"] / fb["h200_tokens_per_s"]
+    assert 0 < busy < idle <= 1
+    _, feedback = engines(MEASURED)
+    result = simulate(Scenario("idle", 0.1, lambda t: 0), policy(0), instant(MEASURED))
+    # A unit whose chatbot is idle drains at the idle share of the engine's whole-GPU rate.
+    assert result.burst_rate == pytest.approx(feedback.requests_per_s(MEASURED["gpu"]) * idle)
+
+
+def test_busy_chat_units_drain_at_the_busy_share() -> None:
+    """One chat unit, no burst units: with its chatbot always busy it drains at
+    busy / idle of the rate it drains at with its chatbot idle."""
+    m = instant(MEASURED)
+    p = replace(policy(0), chat=Scaler(1, 1, 10**6, 0, 15, 300, 0, 1, 15))
+    requests = 3_000.0
+    idle = simulate(Scenario("idle", 4, lambda t: 0, (Burst(60, requests),)), p, m)
+    busy = simulate(Scenario("busy", 4, lambda t: 400, (Burst(60, requests),)), p, m)
+    assert idle.drained_after_s is not None
+    assert busy.drained_after_s is not None
+    busy_share, idle_share = feedback_shares(m)
+    assert busy.drained_after_s / idle.drained_after_s == pytest.approx(
+        idle_share / busy_share, rel=0.02
+    )
+
+
+def test_chat_slows_by_the_measured_ratio_while_feedback_runs() -> None:
+    m = instant(MEASURED)
+    p = policy(0)
+    quiet = simulate(Scenario("quiet", 1, lambda t: 10), p, m)
+    shared = simulate(Scenario("shared", 1, lambda t: 10, (Burst(60, 50_000),)), p, m)
+    assert shared.worst_tpot_ms == pytest.approx(quiet.worst_tpot_ms * chat_slowdown(m))
+    assert chat_slowdown(m) > 1
 
 
 def test_chat_queues_when_units_cannot_hold_the_load() -> None:

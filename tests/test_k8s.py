@@ -7,8 +7,11 @@
 - checkov (tools/checkov's locked environment) passes each overlay, every skip with a reason;
 - each overlay's generated/ files equal a fresh run of the `cohost k8s` command they record;
 - the unit's wiring: `cohost launch` run with exactly what each engine container gets
-  execs vLLM with the plan's flags; the feedback engine is reachable only inside its Pod;
-  the API key comes from a Secret; the GPU shares hold the plan.
+  execs vLLM with the plan's flags and, under MPS, as a client of the Pod's own MPS daemon
+  with the plan's share, priority and cap, and refuses to start without that daemon; the
+  daemon is wired as compose's `mps` service (first, the engines' uid, their pipe directory
+  and /dev/shm); the feedback engine is reachable only inside its Pod; the API key comes
+  from a Secret; every container that opens the GPU gets one share of the same GPU.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ import yaml
 from cohost import gpus, nvml
 from cohost.k8s import gpu as k8s_gpu
 from cohost.k8s import unit as k8s_unit
-from cohost.k8s.unit import UnitError
+from cohost.k8s.unit import MPS_CONTAINER, UnitError
+from cohost.launch.exits import EXIT_NO_MPS
+from cohost.launch.mps import NO_MPS_PIPE
 from cohost.plan import envfile
+from cohost.units import MIB
 from feedback.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +53,8 @@ CHECKOV = ROOT / "tools" / "checkov" / ".venv" / "bin" / "checkov"
 KUBERNETES_VERSIONS = ["1.33.0", kv.latest_version()]
 TEST_KEY = "test-key-not-a-secret"
 ENGINE_SERVICES = ("chatbot", "feedback")
+MPS_ENV = ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_CLIENT_PRIORITY",
+           "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_PIPE_DIRECTORY")  # fmt: skip
 
 
 # ---------------------------------------------------------------- rendering
@@ -88,6 +96,34 @@ def units(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def pod_containers(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
     spec = deployment["spec"]["template"]["spec"]
     return {c["name"]: c for c in [*spec.get("initContainers", []), *spec["containers"]]}
+
+
+def gpu_shares(deployment: dict[str, Any]) -> dict[str, int]:
+    """Container -> nvidia.com/gpu, for every container that requests the GPU."""
+    return {
+        name: int(c["resources"]["limits"]["nvidia.com/gpu"])
+        for name, c in pod_containers(deployment).items()
+        if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+    }
+
+
+def volume_at(container: dict[str, Any], path: str) -> str | None:
+    """The Pod volume that `path` lives in, inside `container` (its mount), if any."""
+    mounts = [
+        m for m in container.get("volumeMounts", [])
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]  # fmt: skip
+    return max(mounts, key=lambda m: len(m["mountPath"]))["name"] if mounts else None
+
+
+def env_value(container: dict[str, Any], name: str) -> str | None:
+    return next((e.get("value") for e in container.get("env", []) if e["name"] == name), None)
+
+
+def run_as_user(deployment: dict[str, Any], container: dict[str, Any]) -> int:
+    pod = deployment["spec"]["template"]["spec"].get("securityContext", {})
+    uid: int = container.get("securityContext", {}).get("runAsUser", pod.get("runAsUser"))
+    return uid
 
 
 def overlay_plan(overlay: Path) -> Path:
@@ -281,7 +317,9 @@ def test_plan_reaches_every_unit_unchanged(overlay: Path, rendered: list[dict[st
     for deployment in units(rendered).values():
         for name, container in pod_containers(deployment).items():
             refs = [e["configMapRef"]["name"] for e in container.get("envFrom", [])]
-            assert "cohost-plan" in refs, name
+            # Every container that runs cohost reads the plan; the MPS daemon needs none of
+            # it (each client sets its own share when it starts).
+            assert ("cohost-plan" in refs) == (name != MPS_CONTAINER), name
             # Nothing overrides a planned value.
             assert not {e["name"] for e in container.get("env", [])} & plan.keys(), name
 
@@ -320,23 +358,92 @@ def _no_inherited_settings() -> dict[str, str]:
 
 
 @pytest.fixture
-def mps_daemon(tmp_path: Path) -> Iterator[Path]:
-    """A listening control socket where the platform's MPS daemon would put it (GKE mounts
-    the host's /tmp/nvidia-mps); used only when the plan asks for MPS."""
-    pipe = tmp_path / "mps"
-    pipe.mkdir()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-        server.bind(str(pipe / "control"))
+def volumes(tmp_path: Path) -> dict[str, Path]:
+    """A directory for each emptyDir of the unit Pod, made on first use: what a container
+    sees at a mount, the others see at theirs."""
+
+    class Dirs(dict[str, Path]):
+        def __missing__(self, name: str) -> Path:
+            path = tmp_path / "volumes" / name
+            path.mkdir(parents=True)
+            self[name] = path
+            return path
+
+    return Dirs()
+
+
+@pytest.fixture
+def mps_daemon(rendered: list[dict[str, Any]], volumes: dict[str, Path]) -> Iterator[Path]:
+    """The unit's MPS daemon, as its clients find it: a listening control socket
+    (SOCK_SEQPACKET, as nvidia-cuda-mps-control's) in the volume at the daemon container's
+    CUDA_MPS_PIPE_DIRECTORY. Yields that volume's directory."""
+    (daemon,) = {
+        json.dumps(pod_containers(d)[MPS_CONTAINER], sort_keys=True)
+        for d in units(rendered).values()
+    }  # the same daemon in every unit
+    container = json.loads(daemon)
+    pipe = env_value(container, "CUDA_MPS_PIPE_DIRECTORY")
+    assert pipe, "the daemon names no pipe directory"
+    volume = volume_at(container, pipe)
+    assert volume, f"the daemon's pipe directory {pipe} is on no volume"
+    directory = volumes[volume]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
+        server.bind(str(directory / "control"))
         server.listen(8)
-        yield pipe
+        yield directory
+
+
+def launch(
+    container: dict[str, Any],
+    docs: list[dict[str, Any]],
+    volumes: dict[str, Path],
+    tmp_path: Path,
+    **extra: str,
+) -> subprocess.CompletedProcess[str]:
+    """`cohost launch` with exactly the container's environment, its pipe directory
+    where its volume is here."""
+    env = container_env(container, docs)
+    pipe = env.get("CUDA_MPS_PIPE_DIRECTORY")
+    if pipe is not None:
+        volume = volume_at(container, pipe)
+        assert volume, f"{container['name']}: {pipe} is on no volume"
+        env["CUDA_MPS_PIPE_DIRECTORY"] = str(volumes[volume])
+    return subprocess.run(
+        [BIN / "cohost", "launch", *container["args"]],
+        env={
+            **_no_inherited_settings(),
+            **env,
+            "COHOST_LOCK_DIR": str(tmp_path / "locks"),  # the gpu-locks emptyDir
+            **extra,
+        },
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def fake_gpu(plan: dict[str, str], free: int, path: Path) -> Path:
+    total = int(plan["COHOST_GPU_TOTAL_BYTES"])
+    path.write_text(
+        nvml.GpuReading(
+            index=0, name=plan["COHOST_GPU_NAME"], uuid="GPU-k8s-test",
+            total_bytes=total, reserved_bytes=gpus.DEFAULT_RESERVED,
+            free_bytes=free, used_bytes=total - free,
+        ).to_json()
+    )  # fmt: skip
+    return path
 
 
 def test_engines_start_with_their_planned_flags(
-    overlay: Path, rendered: list[dict[str, Any]], tmp_path: Path, mps_daemon: Path
+    overlay: Path,
+    rendered: list[dict[str, Any]],
+    tmp_path: Path,
+    volumes: dict[str, Path],
+    mps_daemon: Path,
 ) -> None:
     """`cohost launch` with exactly each engine container's environment, on the planned
     card (NVML faked): chatbot first on an empty GPU, then the feedback engine in what it
-    leaves. Both exec vLLM with the plan's flags; the key reaches vLLM's environment only."""
+    leaves. Both exec vLLM with the plan's flags; the key reaches vLLM's environment only.
+    Under MPS each is a client of the Pod's own daemon (its pipe directory is the daemon's
+    volume) with the plan's share of the SMs, priority and memory cap."""
     plan = envfile.read(overlay_plan(overlay))
     total = int(plan["COHOST_GPU_TOTAL_BYTES"])
     free = total - gpus.DEFAULT_RESERVED
@@ -345,34 +452,21 @@ def test_engines_start_with_their_planned_flags(
         for service in ENGINE_SERVICES:
             container = containers[f"{service}-engine"]
             assert container["args"] == [service]
-            fake = tmp_path / f"{service}-nvml.json"
-            fake.write_text(
-                nvml.GpuReading(
-                    index=0, name=plan["COHOST_GPU_NAME"], uuid="GPU-k8s-test",
-                    total_bytes=total, reserved_bytes=gpus.DEFAULT_RESERVED,
-                    free_bytes=free, used_bytes=total - free,
-                ).to_json()
-            )  # fmt: skip
+            fake = fake_gpu(plan, free, tmp_path / f"{service}-nvml.json")
             record = tmp_path / f"{service}-started.json"
             script = tmp_path / "record.py"
             script.write_text(
                 "import json, os, sys\n"
-                "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY')}, "
+                "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY'), "
+                f"'mps': {{k: os.environ.get(k) for k in {MPS_ENV!r}}}}}, "
                 "open(os.environ['RECORD'], 'w'))\n"
             )
             p = envfile.prefix(service)
-            result = subprocess.run(
-                [BIN / "cohost", "launch", *container["args"]],
-                env={
-                    **_no_inherited_settings(),
-                    **container_env(container, rendered),
-                    "COHOST_FAKE_NVML": str(fake),
-                    "COHOST_LOCK_DIR": str(tmp_path / "locks"),  # the gpu-locks emptyDir
-                    "CUDA_MPS_PIPE_DIRECTORY": str(mps_daemon),
-                    p + "COMMAND": f"{sys.executable} {script}",
-                    "RECORD": str(record),
-                },
-                capture_output=True, text=True, timeout=120, check=False,
+            result = launch(
+                container, rendered, volumes, tmp_path,
+                COHOST_FAKE_NVML=str(fake), RECORD=str(record),
+                COHOST_MPS_WAIT_S="5",  # the daemon is there: a wrong directory fails fast
+                **{p + "COMMAND": f"{sys.executable} {script}"},
             )  # fmt: skip
             assert result.returncode == 0, result.stderr
             started = json.loads(record.read_text())
@@ -392,9 +486,97 @@ def test_engines_start_with_their_planned_flags(
                 # Loopback only: the feedback engine cannot be reached from outside its Pod.
                 assert (flags["--host"], flags["--port"]) == ("127.0.0.1", "8002")
                 assert started["key"] is None
+            mps = started["mps"]
+            if plan.get("COHOST_SHARING") == "mps":
+                assert mps == {
+                    "CUDA_MPS_PIPE_DIRECTORY": str(mps_daemon),  # the daemon's volume
+                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": plan[p + "MPS_ACTIVE_THREAD_PERCENTAGE"],
+                    "CUDA_MPS_CLIENT_PRIORITY": plan[p + "MPS_CLIENT_PRIORITY"],
+                    "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT":
+                        f"0={int(plan[p + 'MPS_PINNED_MEMORY_BYTES']) // MIB}M",
+                }, service  # fmt: skip
+            else:
+                assert mps == {**dict.fromkeys(MPS_ENV), "CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
             free -= int(plan[p + "EXPECTED_PROCESS_BYTES"])
         free = total - gpus.DEFAULT_RESERVED
         assert free >= 0
+
+
+def test_engines_refuse_to_start_without_the_daemon(
+    overlay: Path, rendered: list[dict[str, Any]], tmp_path: Path, volumes: dict[str, Path]
+) -> None:
+    """Under MPS an engine whose pipe directory holds no daemon does not start vLLM (which
+    would run without its share and cap, silently): `cohost launch` refuses, exit 6."""
+    plan = envfile.read(overlay_plan(overlay))
+    if plan.get("COHOST_SHARING") != "mps":
+        pytest.skip("a time-slicing plan uses no daemon")
+    fake = fake_gpu(plan, int(plan["COHOST_GPU_TOTAL_BYTES"]) // 2, tmp_path / "nvml.json")
+    marker = tmp_path / "vllm-ran"
+    for deployment in units(rendered).values():
+        for service in ENGINE_SERVICES:
+            container = pod_containers(deployment)[f"{service}-engine"]
+            result = launch(
+                container, rendered, volumes, tmp_path,
+                COHOST_FAKE_NVML=str(fake), COHOST_MPS_WAIT_S="0",
+                **{envfile.prefix(service) + "COMMAND": f"touch {marker}"},
+            )  # fmt: skip
+            assert result.returncode == EXIT_NO_MPS, result.stderr
+            assert "no MPS control daemon" in result.stderr
+            assert not marker.exists()
+
+
+def test_mps_daemon_is_wired_like_compose(rendered: list[dict[str, Any]]) -> None:
+    """The unit's own MPS daemon, as compose's `mps` service: a native sidecar started
+    before every other container, from the engine image, as the engines' uid, with a
+    startup probe that asks the daemon itself. Every other container that opens the GPU
+    shares its pipe directory (at its own CUDA_MPS_PIPE_DIRECTORY) and its /dev/shm: none
+    can reach the GPU but through the daemon's directory."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for deployment in units(rendered).values():
+        spec = deployment["spec"]["template"]["spec"]
+        daemon = spec["initContainers"][0]
+        assert daemon["name"] == MPS_CONTAINER
+        assert daemon["restartPolicy"] == "Always"
+        assert " ".join(daemon["command"]).endswith("exec nvidia-cuda-mps-control -f")
+        probe = " ".join(daemon["startupProbe"]["exec"]["command"])
+        assert probe.endswith(" ".join(compose["mps"]["healthcheck"]["test"][1:]))
+        assert "quit" in " ".join(daemon["lifecycle"]["preStop"]["exec"]["command"])
+        engines = {n: c for n, c in pod_containers(deployment).items() if n.endswith("-engine")}
+        assert {daemon["image"]} == {c["image"] for c in engines.values()}
+        # The MPS server runs as its clients' uid and the daemon starts it: one uid.
+        uids = {run_as_user(deployment, c) for c in [daemon, *engines.values()]}
+        assert len(uids) == 1, uids
+        assert uids.pop() >= 10000
+
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        pipe_dir = env_value(daemon, "CUDA_MPS_PIPE_DIRECTORY")
+        assert pipe_dir
+        pipe = volume_at(daemon, pipe_dir)
+        assert pipe
+        assert "emptyDir" in volumes[pipe]
+        log_dir = env_value(daemon, "CUDA_MPS_LOG_DIRECTORY")
+        assert log_dir
+        assert volume_at(daemon, log_dir) == pipe
+        shm = volume_at(daemon, "/dev/shm")
+        assert shm
+        assert volumes[shm]["emptyDir"]["medium"] == "Memory"
+        # Sized as compose sizes the /dev/shm the daemon shares with the engines.
+        size = compose["mps"]["shm_size"].lower()
+        assert size.endswith("gb"), size
+        assert volumes[shm]["emptyDir"]["sizeLimit"] == f"{size[:-2]}Gi"
+
+        shares = gpu_shares(deployment)
+        assert MPS_CONTAINER in shares, "the daemon must see the GPU its clients use"
+        order = [c["name"] for c in [*spec["initContainers"], *spec["containers"]]]
+        for name in set(shares) - {MPS_CONTAINER}:
+            container = pod_containers(deployment)[name]
+            client_dir = env_value(container, "CUDA_MPS_PIPE_DIRECTORY")
+            assert client_dir, name
+            assert volume_at(container, client_dir) == pipe, name
+            assert volume_at(container, "/dev/shm") == shm, name
+            assert order.index(name) > order.index(MPS_CONTAINER), name
+        # The daemon holds no plan and no MPS limits of its own: each client sets its own.
+        assert not any(e["name"] in MPS_ENV[:3] for e in daemon.get("env", []))
 
 
 def test_worker_talks_to_its_own_engines(
@@ -413,9 +595,9 @@ def test_worker_talks_to_its_own_engines(
         assert settings.llm_base_url == (
             f"http://{engine['FEEDBACK_ENGINE_HOST']}:{engine['FEEDBACK_ENGINE_PORT']}/v1"
         )
-        assert settings.chat_metrics_url == (
-            f"http://127.0.0.1:{chatbot['CHATBOT_ENGINE_PORT']}/metrics"
-        )
+        # Chat-first is off, as in compose (docs/sharing.md): the worker reads no chat load.
+        assert settings.chat_metrics_url is None
+        assert chatbot["CHATBOT_ENGINE_PORT"] == "8000"
         assert settings.llm_model == engine["FEEDBACK_ENGINE_SERVED_MODEL_NAME"]
         assert settings.max_in_flight == int(engine["FEEDBACK_ENGINE_MAX_NUM_SEQS"])
         assert settings.project_id() == "my-project"
@@ -454,16 +636,19 @@ def test_api_key_comes_from_a_secret(rendered: list[dict[str, Any]]) -> None:
 
 
 def test_engines_start_in_order_and_share_the_gate(rendered: list[dict[str, Any]]) -> None:
-    """Every engine but the last is a native sidecar with a startupProbe (Kubernetes starts
-    the next container only once it passed); all share one gate emptyDir."""
+    """The MPS daemon and every engine but the last are native sidecars with a startupProbe
+    (Kubernetes starts the next container only once it passed); the engines share one gate
+    emptyDir."""
     for deployment in units(rendered).values():
         spec = deployment["spec"]["template"]["spec"]
         sidecars = spec["initContainers"]
-        assert [c["name"] for c in sidecars] == ["chatbot-engine"]
-        assert sidecars[0]["restartPolicy"] == "Always"
-        probe = sidecars[0]["startupProbe"]
+        assert [c["name"] for c in sidecars] == [MPS_CONTAINER, "chatbot-engine"]
+        assert {c["restartPolicy"] for c in sidecars} == {"Always"}
+        assert all("startupProbe" in c for c in sidecars)
+        chatbot = sidecars[1]
+        probe = chatbot["startupProbe"]
         assert probe["periodSeconds"] * probe["failureThreshold"] >= 1800  # the gate's hold
-        assert sidecars[0]["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert chatbot["readinessProbe"]["httpGet"]["path"] == "/health"
         engines = [c for c in pod_containers(deployment).values() if c["name"].endswith("-engine")]
         assert len(engines) == len(ENGINE_SERVICES)
         gates = {
@@ -485,12 +670,9 @@ def test_unit_takes_every_share_of_one_gpu(overlay: Path, rendered: list[dict[st
     for deployment in units(rendered).values():
         spec = deployment["spec"]["template"]["spec"]
         containers = pod_containers(deployment)
-        shares = {
-            name: int(c["resources"]["limits"]["nvidia.com/gpu"])
-            for name, c in containers.items()
-            if "nvidia.com/gpu" in c["resources"].get("limits", {})
-        }
-        assert set(shares) == {e.container for e in unit.engines}
+        shares = gpu_shares(deployment)
+        # The daemon and every engine, one share each (time-slicing allows no more).
+        assert shares == dict.fromkeys(unit.gpu_containers, 1)
         # All N shares: no other Pod can land on this GPU.
         assert sum(shares.values()) == request.clients_per_gpu
         labels = spec["nodeSelector"]
@@ -526,56 +708,43 @@ def _with(plan: Path, **extra: str) -> dict[str, str]:
     return values
 
 
-def test_gke_mps_shares_hold_an_unequal_plan() -> None:
-    """On GKE's MPS a container gets k/N of the memory: the L4 plan (chatbot 12.2 GiB,
-    feedback 9.7 GiB) does not fit N = 2, so the generator finds the smallest N that does."""
-    unit = k8s_unit.from_plan(_with(ROOT / "deploy" / "l4.env", COHOST_SHARING="mps"))
-    request = k8s_gpu.gke(unit)
-    assert request.clients_per_gpu > len(unit.engines)
-    assert sum(request.shares.values()) == request.clients_per_gpu
-    for e in unit.engines:
-        assert request.memory_limit_bytes[e.container] >= e.cap_bytes
-    # ...and it is the smallest: with one share fewer, the engines' shares add up to more.
-    smaller = request.clients_per_gpu - 1
-    needed = [
-        next(
-            (k for k in range(1, smaller + 1)
-             if k8s_gpu.gke_mps_limit(k, unit.gpu_total_bytes, smaller) >= e.cap_bytes),
-            smaller + 1,
-        )
-        for e in unit.engines
-    ]  # fmt: skip
-    assert sum(needed) > smaller
-    # The chatbot, first in priority, gets what is left over: more of the SMs.
-    assert request.shares["chatbot-engine"] >= request.shares["feedback-engine"]
+@pytest.mark.parametrize("sharing", ["mps", "time-slicing"])
+@pytest.mark.parametrize("platform", k8s_gpu.PLATFORMS)
+def test_platforms_only_give_every_gpu_container_the_gpu(sharing: str, platform: str) -> None:
+    """Whatever the plan, the platform time-slices one share per GPU container (the daemon
+    and each engine) and sets no MPS limit of its own: the unit's daemon applies the plan's
+    unequal, overlapping shares. Its own MPS would couple or equalize them (gpu.py)."""
+    unit = k8s_unit.from_plan(_with(ROOT / "deploy" / "l4.env", COHOST_SHARING=sharing))
+    request = k8s_gpu.request(unit, platform)  # type: ignore[arg-type]
+    assert request.strategy == {"gke": "time-sharing", "gpu-operator": "time-slicing"}[platform]
+    assert unit.gpu_containers == (MPS_CONTAINER, "chatbot-engine", "feedback-engine")
+    assert request.shares == dict.fromkeys(unit.gpu_containers, 1)
+    assert request.clients_per_gpu == 3
+    assert "mps" not in request.node_labels.values()
 
 
-def test_gke_time_sharing_is_one_share_each() -> None:
-    unit = k8s_unit.from_plan(_with(ROOT / "deploy" / "l4.env", COHOST_SHARING="time-slicing"))
-    request = k8s_gpu.gke(unit)
-    assert request.strategy == "time-sharing"
-    assert request.shares == {"chatbot-engine": 1, "feedback-engine": 1}
-    assert not request.memory_limit_bytes
+def test_gpu_operator_config_time_slices_an_mps_plan(tmp_path: Path) -> None:
+    from cohost.k8s import render
 
-
-def test_gpu_operator_refuses_mps_shares_a_plan_cannot_use() -> None:
-    """The NVIDIA device plugin's MPS gives every client total/replicas: the L4 plan's
-    chatbot needs more, so MPS there is refused with the fix named."""
-    unit = k8s_unit.from_plan(_with(ROOT / "deploy" / "l4.env", COHOST_SHARING="mps"))
-    with pytest.raises(UnitError, match="time-slicing"):
-        k8s_gpu.gpu_operator(unit)
+    out = render.files(ROOT / "deploy" / "l4.env", "gpu-operator", ["k8s"])
+    (configmap,) = yaml.safe_load_all(out["cluster/device-plugin-config.yaml"])
+    (config,) = configmap["data"].values()
+    sharing = yaml.safe_load(config)["sharing"]
+    assert list(sharing) == ["timeSlicing"]
+    assert sharing["timeSlicing"]["resources"] == [{"name": "nvidia.com/gpu", "replicas": 3}]
+    assert sharing["timeSlicing"]["failRequestsGreaterThanOne"] is True
 
 
 def test_new_plan_keys_flow_through_untouched(tmp_path: Path) -> None:
-    """Keys the generator does not know (the sharing issue adds some) reach the ConfigMap
-    as they are, and the MPS cap, when planned, is what the shares must hold."""
+    """Keys the generator does not know reach the ConfigMap as they are, and the MPS cap,
+    when planned, is what the unit reads as the engine's memory."""
     from cohost.k8s import render
 
     plan = tmp_path / "plan.env"
-    cap = 10_000 * (1 << 20)  # above the planned 9,709 MiB: a share of the headroom
+    cap = 10_000 * (1 << 20)
     plan.write_text(
         (ROOT / "deploy" / "l4.env").read_text()
-        + "COHOST_SHARING=mps\nCOHOST_SOMETHING_NEW='a b'\n"
+        + "COHOST_SOMETHING_NEW='a b'\n"
         + f"FEEDBACK_ENGINE_MPS_PINNED_MEMORY_BYTES={cap}\n"
     )
     out = render.files(plan, "gke", ["k8s", str(plan)])
@@ -583,17 +752,18 @@ def test_new_plan_keys_flow_through_untouched(tmp_path: Path) -> None:
     assert configmap["data"]["COHOST_SOMETHING_NEW"] == "a b"
     unit = k8s_unit.from_plan(envfile.read(plan))
     assert unit.engine("feedback").cap_bytes == cap
-    assert k8s_gpu.gke(unit).memory_limit_bytes["feedback-engine"] >= cap
+    assert "limit 10,000 MiB" in out["unit-gpu.yaml"]
 
 
-def test_a_plan_no_share_split_holds_is_refused(tmp_path: Path) -> None:
-    values = _with(
-        ROOT / "deploy" / "l4.env",
-        COHOST_SHARING="mps",
-        FEEDBACK_ENGINE_MPS_PINNED_MEMORY_BYTES=str(11_000 * (1 << 20)),
-    )
-    with pytest.raises(UnitError, match="re-plan"):
-        k8s_gpu.gke(k8s_unit.from_plan(values))
+def test_an_mps_plan_without_an_engines_share_is_refused() -> None:
+    """What `cohost launch` would refuse at the Pod's start is refused when rendering."""
+    values = _with(ROOT / "deploy" / "l4.env", COHOST_SHARING="mps")
+    del values["FEEDBACK_ENGINE_MPS_CLIENT_PRIORITY"]
+    with pytest.raises(UnitError, match=r"FEEDBACK_ENGINE_MPS_CLIENT_PRIORITY.*Re-plan"):
+        k8s_unit.from_plan(values)
+    # A time-slicing plan needs none.
+    values["COHOST_SHARING"] = "time-slicing"
+    assert k8s_unit.from_plan(values).sharing == "time-slicing"
 
 
 # ---------------------------------------------------------------- Pub/Sub IAM for setup

@@ -24,7 +24,9 @@ from bench.capacity.sim import (
     Burst,
     Policy,
     Scenario,
+    chat_slowdown,
     engines,
+    feedback_shares,
     load_measured,
     simulate,
     with_burst_max,
@@ -99,11 +101,18 @@ def main() -> int:
     policy = policy_from(args.overlay)
     chat_engine, feedback_engine = engines(m)
     gpu = m["gpu"]
+    rate = feedback_engine.requests_per_s(gpu)
+    busy, idle = feedback_shares(m)
     print(
         f"L4 estimates: chat TPOT {1000 * chat_engine.step_s(1, gpu):.0f} ms alone, "
         f"{1000 * chat_engine.step_s(chat_engine.max_num_seqs, gpu):.0f} ms at "
-        f"{chat_engine.max_num_seqs} in flight; feedback {feedback_engine.requests_per_s(gpu):.1f} "
-        f"requests/s per unit alone ({feedback_engine.requests_per_s(gpu) * m['feedback']['output_tokens']:,.0f} tokens/s)"
+        f"{chat_engine.max_num_seqs} in flight; feedback {rate:.1f} requests/s per unit on the "
+        f"whole GPU ({rate * m['feedback']['output_tokens']:,.0f} tokens/s)"
+    )
+    print(
+        f"MPS plan (H200 ratios): feedback keeps {idle:.0%} with chat idle ({rate * idle:.1f}/s), "
+        f"{busy:.0%} beside busy chat ({rate * busy:.1f}/s); chat TPOT x{chat_slowdown(m):.2f} "
+        "beside busy feedback"
     )
     print(
         f"policy ({args.overlay.relative_to(ROOT) if args.overlay.is_relative_to(ROOT) else args.overlay}): "

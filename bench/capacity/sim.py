@@ -7,9 +7,11 @@ when the backlog was drained, whether chat latency held and what it cost in GPU-
 
 The model, in the order a step applies it:
 - chat: sessions x duty cycle = requests in flight, spread evenly over ready chat units;
-- feedback: each ready unit drains at its engine's rate, scaled by the share it keeps while
-  its chatbot is busy (chat units, busy with probability 1 - exp(-in flight per unit)) or
-  idle (burst units take no chat);
+  while there is feedback to do, the chat units' feedback engines run beside their
+  chatbots, which then step slower by the measured MPS ratio (`chat_slowdown`);
+- feedback: each ready unit drains at its engine's rate on the whole GPU, scaled by the
+  share it keeps under the plan's MPS while its chatbot is busy (chat units, busy with
+  probability 1 - exp(-in flight per unit)) or idle (burst units take no chat);
 - KEDA: every polling interval, desired units = ceil(metric / threshold) within
   min/max, the metric as it was `lag` seconds ago (Pub/Sub: sampled each minute, visible
   up to two minutes later, read as the maximum over 3 minutes); scale-up at once,
@@ -177,7 +179,8 @@ class Result:
     chat_units: tuple[int, int] = (0, 0)  # min, max ready
     burst_peak: int = 0
     feedback_total: float = 0.0
-    drained_after_s: float | None = None  # from the first arrival to an empty backlog
+    # From the first arrival to an empty backlog once the last request is published.
+    drained_after_s: float | None = None
     worst_tpot_ms: float = 0.0
     queued_chat_s: float = 0.0  # seconds in which chat requests waited for a slot
     gpu_hours: float = 0.0
@@ -270,8 +273,23 @@ def unit_start_s(m: Mapping[str, Mapping[str, float]], warm: bool) -> float:
     """Both servers of a unit, one after the other, on a node that has the image."""
     start = m["start"]
     if warm:
-        return 2 * start["engine_warm_s"]
-    return start["model_download_s"] + 2 * start["engine_cold_s"]
+        return start["servers_warm_s"]
+    return start["model_download_s"] + start["servers_cold_s"]
+
+
+def feedback_shares(m: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
+    """What a unit's feedback engine keeps of its whole-GPU throughput under the plan's
+    MPS, while its chatbot is busy and while it is idle (measured on the H200)."""
+    fb = m["feedback"]
+    whole = fb["h200_tokens_per_s"]
+    busy, idle = fb["h200_mps_tokens_per_s_chat_busy"], fb["h200_mps_tokens_per_s_chat_idle"]
+    return busy / whole, idle / whole
+
+
+def chat_slowdown(m: Mapping[str, Mapping[str, float]]) -> float:
+    """Chat's time per token while its unit's feedback engine is busy, over chat alone."""
+    chat = m["chat"]
+    return chat["h200_mps_tpot_ms_feedback_busy"] / chat["h200_tpot_ms"]
 
 
 def _duty(
@@ -288,9 +306,12 @@ def simulate(
     m = m or load_measured()
     if scenario.policy_change is not None:
         policy = scenario.policy_change(policy)
-    gpu, chat_cfg, fb_cfg, lag = m["gpu"], m["chat"], m["feedback"], m["metrics"]
+    gpu, chat_cfg, lag = m["gpu"], m["chat"], m["metrics"]
     chat_engine, feedback_engine = engines(m)
-    burst_rate = feedback_engine.requests_per_s(gpu)
+    busy_share, idle_share = feedback_shares(m)
+    slowdown = chat_slowdown(m)
+    # A unit's feedback rate with its chatbot idle (all a burst unit ever is).
+    burst_rate = feedback_engine.requests_per_s(gpu) * idle_share
     start_s = unit_start_s(m, scenario.warm_caches)
     chat_pool = _Pool(policy.chat, start_s, m)
     burst_pool = _Pool(policy.burst, start_s, m)
@@ -309,6 +330,8 @@ def simulate(
     samples: deque[tuple[float, float]] = deque()
     chat_history: deque[tuple[float, float]] = deque()
     first_burst = min((b.at_s for b in scenario.bursts), default=None)
+    # Drained: nothing left once the last request of every burst has been published.
+    last_arrival = max((b.at_s + b.over_s for b in scenario.bursts), default=0.0)
     gpu_s = 0.0
     ready_chat_range = [10**9, 0]
     t = 0.0
@@ -323,21 +346,21 @@ def simulate(
         if per_unit > chat_engine.max_num_seqs:
             result.queued_chat_s += STEP_S
         running = min(per_unit, chat_engine.max_num_seqs)
-        if in_flight > 0 and ready_chat:
-            tpot_ms = 1000 * chat_engine.step_s(running, gpu)
-            result.worst_tpot_ms = max(result.worst_tpot_ms, tpot_ms)
-
-        # Feedback.
         arrived = sum(b.arriving(t, STEP_S) for b in scenario.bursts)
         backlog += arrived
         result.feedback_total += arrived
+        if in_flight > 0 and ready_chat:
+            # Beside a busy feedback engine (there is a backlog) chat steps slower.
+            tpot_ms = 1000 * chat_engine.step_s(running, gpu) * (slowdown if backlog else 1.0)
+            result.worst_tpot_ms = max(result.worst_tpot_ms, tpot_ms)
+
+        # Feedback: a chat unit keeps the busy share while its chatbot has requests.
         busy = 1 - math.exp(-per_unit) if ready_chat and per_unit != math.inf else 0.0
-        idle_share = fb_cfg["share_while_chat_idle"]
-        chat_share = busy * fb_cfg["share_while_chat_busy"] + (1 - busy) * idle_share
-        rate = burst_rate * (ready_chat * chat_share + burst_pool.ready(t) * idle_share)
+        chat_unit_share = (busy * busy_share + (1 - busy) * idle_share) / idle_share
+        rate = burst_rate * (ready_chat * chat_unit_share + burst_pool.ready(t))
         backlog = max(0.0, backlog - rate * STEP_S)
-        started = first_burst is not None and t >= first_burst
-        if started and result.drained_after_s is None and backlog < 1:
+        published = first_burst is not None and t + STEP_S > last_arrival
+        if published and result.drained_after_s is None and backlog < 1:
             assert first_burst is not None
             result.drained_after_s = t + STEP_S - first_burst
 

@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     k8s = sub.add_parser(
         "k8s",
         help="generate what a Kubernetes overlay reads from a plan",
-        description="Write the plan as a ConfigMap, each engine's GPU shares and node "
-        "placement, and the chat scaling target, for one platform (docs/kubernetes.md).",
+        description="Write the plan as a ConfigMap, the GPU share of the unit's MPS daemon "
+        "and of each engine with their node placement, and the chat scaling target, for one "
+        "platform (docs/kubernetes.md).",
     )
     k8s.add_argument("plan", type=Path, metavar="PLAN", help="the plan's env file (deploy/*.env)")
     k8s.add_argument("--platform", required=True, choices=PLATFORMS)

@@ -1,39 +1,44 @@
-"""How a platform's device plugin gives the engines of one unit one shared GPU.
+"""How a platform's device plugin gives every GPU container of a unit the same GPU.
 
-Every engine container requests `nvidia.com/gpu` shares of the same physical GPU: a GPU
-(or a share of one) can only be requested by one container, and two vLLM servers need two
-containers. What a share is worth differs by platform (read in the plugins' sources):
+A unit shares its GPU the way the plan says, with its own CUDA MPS control daemon in the
+Pod (unit.MPS_CONTAINER), exactly as compose does: each engine's `cohost launch` gives vLLM
+the plan's share of the SMs, priority and memory cap (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE,
+CUDA_MPS_CLIENT_PRIORITY, CUDA_MPS_PINNED_DEVICE_MEM_LIMIT). Those are unequal and
+overlapping (chatbot 100 % of the SMs at normal priority, feedback 30 % at low priority,
+each with its own cap): thread percentages are limits, not reservations. So all the
+platform has to do is let the daemon and both engines open one and the same GPU, and
+nothing more. What each platform's own MPS would do instead (read in the plugins' sources):
 
-- GKE (container-engine-accelerators, pkg/gpu/nvidia/manager.go `Envs`, gpusharing.go):
-  with `gpu-sharing-strategy=mps` and `max-shared-clients-per-gpu=N`, a container that
-  requests k shares gets CUDA_MPS_PINNED_DEVICE_MEM_LIMIT = k * total / N and
-  CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = k * 100 / N; k > 1 is allowed only on nodes with
-  one physical GPU. With `time-sharing`, one share per container and no memory limit.
-  So an unequal plan (chatbot 12 GiB, feedback 10 GiB on an L4) needs N > 2: the smallest
-  N where every engine's cap fits its k shares.
-- NVIDIA device plugin (GPU Operator; k8s-device-plugin cmd/mps-control-daemon): MPS limits
-  are the daemon's defaults, total / replicas and 100 / replicas for every client whatever
-  it requested, and a client can only lower them. An unequal plan does not fit; time-slicing
-  (replicas = engines, no memory limit) does, as the plan itself sizes each server.
+- GKE (container-engine-accelerators, pkg/gpu/nvidia/manager.go `Envs`): with
+  `gpu-sharing-strategy=mps` a container requesting k of N shares gets
+  CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = k * 100 / N *and* a memory limit of k * total / N,
+  coupled; a client can only lower them. The L4 plan's memory split needs N = 7, which
+  would leave the chatbot 4/7 = 57 % of the SMs: a configuration nobody measured.
+- NVIDIA device plugin (GPU Operator; k8s-device-plugin cmd/mps-control-daemon): the
+  daemon's defaults give every client total / replicas and 100 / replicas %: equal halves,
+  which the L4 plan's chatbot does not fit.
 
-Both share the GPU only if the Pod's containers get the same physical GPU and no other Pod
-gets a share of it: the unit requests all N shares, on nodes with exactly one GPU.
+Time-slicing on both does exactly what the unit needs: one share per container, no
+environment, no limits (GKE `Envs` returns nothing for time-sharing; the NVIDIA plugin's
+timeSlicing only advertises replicas). The unit's MPS server is then the one CUDA process
+that holds a context on the GPU, and the plan's shares and caps apply as measured. The
+unit requests all N shares, on nodes with exactly one GPU, so that every share is of the
+same GPU and no other Pod gets one.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from cohost.k8s.unit import Unit, UnitError
-from cohost.units import MIB
 
 Platform = Literal["gke", "gpu-operator"]
 PLATFORMS: tuple[Platform, ...] = ("gke", "gpu-operator")
 
-# MPS serves at most 48 client contexts per device (MPS guide, Volta MPS), and GKE takes
-# up to 48 for max-shared-clients-per-gpu.
+# GKE takes at most 48 for max-shared-clients-per-gpu (and MPS serves at most 48 client
+# contexts per device: MPS guide, Volta MPS).
 MAX_CLIENTS_PER_GPU = 48
 
 # GKE's accelerator name and the machine types that carry exactly one such GPU
@@ -54,18 +59,21 @@ GKE_ACCELERATORS: dict[str, tuple[str, tuple[str, ...]]] = {
 @dataclass(frozen=True)
 class GpuRequest:
     platform: Platform
-    strategy: str  # the platform's word for the sharing mode
-    clients_per_gpu: int  # N: shares the platform cuts one GPU into
+    strategy: str  # the platform's word for its sharing mode (always time-slicing)
+    clients_per_gpu: int  # N: shares the platform cuts one GPU into, one per GPU container
     shares: dict[str, int]  # container -> nvidia.com/gpu it requests
     node_labels: dict[str, str]  # what a node must carry (nodeSelector)
     machine_types: tuple[str, ...] = ()  # single-GPU machine types (GKE)
-    # GPU memory the platform lets each container's MPS clients pin (MPS only)
-    memory_limit_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def gke_mps_limit(shares: int, total: int, clients: int) -> int:
-    """GKE's limit in bytes: k * total / N, then truncated to whole MiB (manager.go)."""
-    return (shares * total // clients) // MIB * MIB
+def _one_share_each(unit: Unit) -> tuple[int, dict[str, int]]:
+    containers = unit.gpu_containers
+    if len(containers) > MAX_CLIENTS_PER_GPU:
+        raise UnitError(
+            f"{len(containers)} GPU containers (the MPS daemon and {len(unit.engines)} engines) "
+            f"exceed the {MAX_CLIENTS_PER_GPU} clients a GPU can be shared by"
+        )
+    return len(containers), dict.fromkeys(containers, 1)
 
 
 def gke(unit: Unit) -> GpuRequest:
@@ -76,44 +84,14 @@ def gke(unit: Unit) -> GpuRequest:
             f"GKE offers no {unit.gpu_name or 'unnamed GPU'!r}; known: "
             + ", ".join(GKE_ACCELERATORS)
         ) from None
-    labels = {"cloud.google.com/gke-accelerator": accelerator}
-    if unit.sharing == "time-slicing":
-        clients = len(unit.engines)
-        shares = {e.container: 1 for e in unit.engines}
-        limits: dict[str, int] = {}
-        strategy = "time-sharing"
-    else:
-        clients, shares = _gke_mps_shares(unit)
-        limits = {
-            e.container: gke_mps_limit(shares[e.container], unit.gpu_total_bytes, clients)
-            for e in unit.engines
-        }
-        strategy = "mps"
-    labels["cloud.google.com/gke-gpu-sharing-strategy"] = strategy
-    labels["cloud.google.com/gke-max-shared-clients-per-gpu"] = str(clients)
-    return GpuRequest("gke", strategy, clients, shares, labels, machine_types, limits)
-
-
-def _gke_mps_shares(unit: Unit) -> tuple[int, dict[str, int]]:
-    """The smallest N whose shares hold every engine's cap; shares left over go to the
-    engine of highest MPS priority (the chatbot), which then also gets more SMs."""
-    total = unit.gpu_total_bytes
-    for clients in range(len(unit.engines), MAX_CLIENTS_PER_GPU + 1):
-        shares: dict[str, int] = {}
-        for e in unit.engines:
-            k = 1
-            while k <= clients and gke_mps_limit(k, total, clients) < e.cap_bytes:
-                k += 1
-            shares[e.container] = k
-        if sum(shares.values()) <= clients:
-            first = min(unit.engines, key=lambda e: e.priority)  # stable: plan order on ties
-            shares[first.container] += clients - sum(shares.values())
-            return clients, shares
-    caps = ", ".join(f"{e.service} {e.cap_bytes // MIB:,} MiB" for e in unit.engines)
-    raise UnitError(
-        f"no GKE MPS split of {total // MIB:,} MiB into at most {MAX_CLIENTS_PER_GPU} "
-        f"shares holds {caps}; re-plan with smaller servers"
-    )
+    clients, shares = _one_share_each(unit)
+    strategy = "time-sharing"
+    labels = {
+        "cloud.google.com/gke-accelerator": accelerator,
+        "cloud.google.com/gke-gpu-sharing-strategy": strategy,
+        "cloud.google.com/gke-max-shared-clients-per-gpu": str(clients),
+    }
+    return GpuRequest("gke", strategy, clients, shares, labels, machine_types)
 
 
 def product_label(gpu_name: str, shared: bool) -> str:
@@ -123,35 +101,16 @@ def product_label(gpu_name: str, shared: bool) -> str:
 
 
 def gpu_operator(unit: Unit) -> GpuRequest:
-    replicas = len(unit.engines)
-    if unit.sharing == "mps":
-        equal = unit.gpu_total_bytes // replicas // MIB * MIB
-        too_big = [
-            e for e in unit.engines if e.cap_bytes > equal or e.thread_percentage > 100 // replicas
-        ]
-        if too_big:
-            names = ", ".join(
-                f"{e.service} ({e.cap_bytes // MIB:,} MiB, {e.thread_percentage} %)"
-                for e in too_big
-            )
-            raise UnitError(
-                f"the NVIDIA device plugin's MPS gives each of {replicas} clients "
-                f"{equal // MIB:,} MiB and {100 // replicas} % of the SMs (daemon defaults a "
-                f"client can only lower); {names} need more. Use this plan on GKE, or "
-                "re-plan with `cohost plan --sharing time-slicing` for this cluster."
-            )
-        limits = {e.container: equal for e in unit.engines}
-    else:
-        limits = {}
+    clients, shares = _one_share_each(unit)
+    strategy = "time-slicing"
     labels = {
-        # One GPU per node: the two containers' shares are then shares of the same GPU.
+        # One GPU per node: the containers' shares are then shares of the same GPU.
         "nvidia.com/gpu.count": "1",
         "nvidia.com/gpu.product": product_label(unit.gpu_name, shared=True),
-        "nvidia.com/gpu.replicas": str(replicas),
-        "nvidia.com/gpu.sharing-strategy": unit.sharing,
+        "nvidia.com/gpu.replicas": str(clients),
+        "nvidia.com/gpu.sharing-strategy": strategy,
     }
-    shares = {e.container: 1 for e in unit.engines}
-    return GpuRequest("gpu-operator", unit.sharing, replicas, shares, labels, (), limits)
+    return GpuRequest("gpu-operator", strategy, clients, shares, labels)
 
 
 def request(unit: Unit, platform: Platform) -> GpuRequest:

@@ -1,11 +1,11 @@
 """The files a kustomize overlay includes, generated from a plan's env file.
 
 - `plan.yaml`: ConfigMap `cohost-plan`, every key of the env file with its quotes removed
-  (kustomize's configMapGenerator would keep `'NVIDIA L4'` quoted). All containers of a
-  unit read it with envFrom, as compose's env_file gives them the whole file.
-- `unit-gpu.yaml`: a patch for every unit Deployment: each engine container's GPU shares,
-  the node labels and machine types the shares need, and the plan's hash on the Pod
-  template, so a new plan rolls the units.
+  (kustomize's configMapGenerator would keep `'NVIDIA L4'` quoted). The engines and the
+  worker read it with envFrom, as compose's env_file gives them the whole file.
+- `unit-gpu.yaml`: a patch for every unit Deployment: the GPU share of each container that
+  opens the GPU (the MPS daemon and the engines), the node labels and machine types those
+  shares need, and the plan's hash on the Pod template, so a new plan rolls the units.
 - `chat-scaling.yaml`: the chat trigger's target per unit, from the chatbot's max_num_seqs.
 - `cluster/device-plugin-config.yaml` (GPU Operator only): the device plugin's sharing
   config for the cluster admin to apply.
@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from cohost.k8s import gpu as gpus
-from cohost.k8s.unit import Unit, from_plan
+from cohost.k8s.unit import MPS_CONTAINER, Unit, from_plan
 from cohost.plan import envfile
 from cohost.units import MIB
 
@@ -81,16 +81,16 @@ def plan_hash(values: dict[str, str]) -> str:
 
 
 def unit_patch(unit: Unit, request: gpus.GpuRequest, values: dict[str, str]) -> dict[str, Any]:
-    def engine(container: str) -> dict[str, Any]:
+    def gpu(container: str) -> dict[str, Any]:
         return {
             "name": container,
             "resources": {"limits": {"nvidia.com/gpu": request.shares[container]}},
         }
 
-    # Every engine but the last is a native sidecar (an init container that keeps running):
-    # Kubernetes starts the next one only when its startupProbe has passed, which orders
-    # the starts as `cohost launch`'s gate does.
-    *sidecars, last = unit.engines
+    # The MPS daemon and every engine but the last are native sidecars (init containers that
+    # keep running), in this order: Kubernetes starts the next one only when the one before
+    # has passed its startupProbe, the order compose gets from its health gates.
+    *sidecars, last = unit.gpu_containers
     spec: dict[str, Any] = {"nodeSelector": dict(request.node_labels)}
     if request.machine_types:
         spec["affinity"] = {
@@ -110,8 +110,8 @@ def unit_patch(unit: Unit, request: gpus.GpuRequest, values: dict[str, str]) -> 
                 }
             }
         }
-    spec["initContainers"] = [engine(e.container) for e in sidecars]
-    spec["containers"] = [engine(last.container)]
+    spec["initContainers"] = [gpu(c) for c in sidecars]
+    spec["containers"] = [gpu(last)]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -132,12 +132,13 @@ def chat_scaling(unit: Unit) -> list[dict[str, Any]]:
     return [{"op": "replace", "path": "/spec/triggers/0/metadata/threshold", "value": str(target)}]
 
 
-def device_plugin_config(unit: Unit, request: gpus.GpuRequest) -> dict[str, Any]:
-    key = "mps" if unit.sharing == "mps" else "timeSlicing"
+def device_plugin_config(request: gpus.GpuRequest) -> dict[str, Any]:
+    # Time-slicing whatever the plan: the unit shares the GPU through its own MPS daemon,
+    # and the plugin only has to give the daemon and the engines the same GPU (gpu.py).
     config = {
         "version": "v1",
         "sharing": {
-            key: {
+            "timeSlicing": {
                 # Keep the resource name nvidia.com/gpu (GFD then adds -SHARED to the product).
                 "renameByDefault": False,
                 "failRequestsGreaterThanOne": True,
@@ -154,14 +155,26 @@ def device_plugin_config(unit: Unit, request: gpus.GpuRequest) -> dict[str, Any]
 
 
 def _sharing_lines(unit: Unit, request: gpus.GpuRequest) -> list[str]:
-    lines = [f"{unit.gpu_name}, {unit.sharing}: {request.clients_per_gpu} shares per GPU;"]
+    how = (
+        "the unit's own MPS daemon applies the plan's shares"
+        if unit.sharing == "mps"
+        else "the plan time-slices; the MPS daemon stays idle"
+    )
+    lines = [
+        f"{unit.gpu_name}, plan {unit.sharing}: {request.strategy}, "
+        f"{request.clients_per_gpu} shares per GPU, one per container; {how}.",
+        f"  {MPS_CONTAINER}: {request.shares[MPS_CONTAINER]} share, the MPS control daemon",
+    ]
     for e in unit.engines:
-        limit = request.memory_limit_bytes.get(e.container)
-        granted = f", platform MPS limit {limit // MIB:,} MiB" if limit else ""
-        lines.append(
-            f"  {e.container}: {request.shares[e.container]} share(s), "
-            f"needs {e.cap_bytes / MIB:,.0f} MiB{granted}"
-        )
+        if unit.sharing == "mps":
+            priority = "normal" if e.priority == 0 else "low"
+            what = (
+                f"MPS {e.thread_percentage} % of SMs, {priority} priority, "
+                f"limit {e.cap_bytes / MIB:,.0f} MiB"
+            )
+        else:
+            what = f"planned process {e.cap_bytes / MIB:,.0f} MiB"
+        lines.append(f"  {e.container}: {request.shares[e.container]} share, {what}")
     return lines
 
 
@@ -209,7 +222,7 @@ def files(plan: Path, platform: gpus.Platform, argv: Sequence[str]) -> dict[str,
                 """'{"spec":{"devicePlugin":{"config":{"name":"cohost-device-plugin"}}}}'""",
                 f"  kubectl label node NODE nvidia.com/device-plugin.config={DEVICE_PLUGIN_CONFIG}",
             ],
-            device_plugin_config(unit, request),
+            device_plugin_config(request),
         )
     return out
 

@@ -2,6 +2,10 @@
 
 Read generically from the env file: every `<SVC>_ENGINE_MODEL` names an engine, so a plan
 with other or more services needs no change here.
+
+Besides its engines, a unit Pod runs the CUDA MPS control daemon of its GPU in a container
+of its own (`MPS_CONTAINER`, deploy/k8s/base/unit), as compose runs its `mps` service: the
+GPU's containers are that daemon and one per engine.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ SHARING_MODES: tuple[Sharing, ...] = ("mps", "time-slicing")
 DEFAULT_SHARING: Sharing = "time-slicing"
 
 _ENGINE_MODEL = re.compile(r"^(?P<svc>[A-Z][A-Z0-9_]*)_ENGINE_MODEL$")
+# The unit's MPS control daemon (`nvidia-cuda-mps-control -f`): it uses the GPU too, so the
+# platform must give it the engines' GPU. It is rendered for every plan; under time-slicing
+# `cohost launch` keeps vLLM out of it and the idle daemon holds no GPU memory.
+MPS_CONTAINER = "mps"
+# What an MPS plan gives each engine (`cohost launch` refuses to start without them).
+MPS_KEYS = ("MPS_ACTIVE_THREAD_PERCENTAGE", "MPS_CLIENT_PRIORITY", "MPS_PINNED_MEMORY_BYTES")
 
 
 class UnitError(ValueError):
@@ -43,9 +53,14 @@ class Engine:
 @dataclass(frozen=True)
 class Unit:
     gpu_name: str
-    gpu_total_bytes: int  # NVML total: what device plugins divide into shares
+    gpu_total_bytes: int  # NVML total (the plan's card)
     sharing: Sharing
     engines: tuple[Engine, ...]  # in start order (the order of the env file)
+
+    @property
+    def gpu_containers(self) -> tuple[str, ...]:
+        """Every container of the Pod that opens the GPU, in start order: the daemon first."""
+        return (MPS_CONTAINER, *(e.container for e in self.engines))
 
     def engine(self, service: str) -> Engine:
         for e in self.engines:
@@ -75,6 +90,12 @@ def from_plan(values: Mapping[str, str]) -> Unit:
             continue
         service = match.group("svc").lower().replace("_", "-")
         p = prefix(service)
+        missing = [p + k for k in MPS_KEYS if p + k not in values]
+        if sharing == "mps" and missing:
+            raise UnitError(
+                f"COHOST_SHARING=mps, but the plan lacks {', '.join(missing)}: `cohost launch` "
+                "would refuse to start this server. Re-plan with `cohost plan ... --sharing mps`."
+            )
         cap_key = p + "MPS_PINNED_MEMORY_BYTES"
         engines.append(
             Engine(
