@@ -946,7 +946,7 @@ def test_build_context_leaves_out_local_state() -> None:
     for path in (".git/HEAD", ".venv/bin/python", ".cache/x", ".gpu/x", ".whl/x.whl",
                  ".env", "bench/results/x.json", "bench/gpu/results/x.jsonl",
                  "deploy/l4.env", "tests/test_deploy.py",
-                 "shared/src/cohost/__pycache__/cli.cpython-311.pyc",
+                 "ops/src/cohost/__pycache__/cli.cpython-311.pyc",
                  "services/feedback/.venv/bin/python"):  # fmt: skip
         assert ignored(path, rules), path
 

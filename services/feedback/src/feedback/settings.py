@@ -50,11 +50,12 @@ class WorkerSettings(BaseSettings):
     llm_model: str = "feedback"
     llm_api_key: SecretStr | None = None
     llm_timeout_s: float = Field(default=300.0, gt=0)
-    # Sampling. A mild repetition penalty (vLLM's, over prompt and answer) and nucleus
-    # sampling keep small models from echoing the prompt or one sentence over and over
-    # (SmolLM2-135M did both at temperature 0.3 alone: bench/sampling.py).
+    # Sampling. A mild repetition penalty (vLLM's, over prompt and answer) keeps small
+    # models from echoing the prompt or one sentence over and over (SmolLM2-135M did both at
+    # temperature 0.3 alone: bench/sampling.py). top_p stays off by default: on the CPU
+    # engine it made sampling several times slower.
     temperature: float = Field(default=0.3, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.1, gt=0.0, le=2.0)
     default_max_tokens: int = Field(default=512, ge=1, le=messages.MAX_TOKENS_LIMIT)
     # The longest token of the served model's vocabulary, in characters (vLLM calls it
