@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 from pathlib import Path
+from types import TracebackType
 
 
 class FakeMpsDaemon:
@@ -35,3 +36,14 @@ class FakeMpsDaemon:
     def close(self) -> None:
         self._server.close()
         (self.pipe / "control").unlink(missing_ok=True)
+
+    def __enter__(self) -> FakeMpsDaemon:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

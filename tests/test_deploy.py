@@ -31,11 +31,12 @@ from typing import Any
 
 import pytest
 import yaml
-from cohost import gpus, nvml
+from cohost import gpus
 from cohost.launch.settings import EngineSettings
 from cohost.plan import envfile
 from feedback.settings import WorkerSettings
 
+from harness.launcher import clean_env, fake_card, recorded, recorder
 from harness.mps import FakeMpsDaemon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -431,11 +432,6 @@ def test_env_file_carries_what_the_services_read(path: Path) -> None:
 # ================================================================ what each container gets
 
 
-def _no_inherited_settings() -> dict[str, str]:
-    prefixes = ("CHATBOT_", "FEEDBACK_", "COHOST_", "PUBSUB_", "GOOGLE_", "VIRTUAL_ENV")
-    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-
-
 @pytest.mark.parametrize("profile", PROFILES)
 def test_launcher_starts_both_servers_from_the_compose_environment(
     profile: str, services: dict[str, dict[str, Any]], tmp_path: Path
@@ -450,35 +446,16 @@ def test_launcher_starts_both_servers_from_the_compose_environment(
     free = total - gpus.DEFAULT_RESERVED
     for compose_name, service in ENGINES.items():
         env = container_env(services[compose_name], shell)
-        fake = tmp_path / f"{service}-nvml.json"
-        fake.write_text(
-            nvml.GpuReading(
-                index=0,
-                name=plan["COHOST_GPU_NAME"],
-                uuid="GPU-deploy-test",
-                total_bytes=total,
-                reserved_bytes=gpus.DEFAULT_RESERVED,
-                free_bytes=free,
-                used_bytes=total - free,
-            ).to_json()
-        )
+        fake = fake_card(plan, free, tmp_path / f"{service}-nvml.json", uuid="GPU-deploy-test")
         record = tmp_path / f"{service}-started.json"
-        script = tmp_path / "record.py"
-        script.write_text(
-            "import json, os, sys\n"
-            "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY'), "
-            "'env': {k: v for k, v in os.environ.items() if k.startswith('CUDA_MPS_')}}, "
-            "open(os.environ['RECORD'], 'w'))\n"
-        )
         p = envfile.prefix(service)
         run_env = {
-            **_no_inherited_settings(),
+            **clean_env(),
             **env,
             "COHOST_FAKE_NVML": str(fake),
             "COHOST_LOCK_DIR": str(tmp_path / "locks"),  # the volume's stand-in
             "CUDA_MPS_PIPE_DIRECTORY": str(daemon.pipe),  # likewise, with a daemon listening
-            p + "COMMAND": f"{sys.executable} {script}",
-            "RECORD": str(record),
+            p + "COMMAND": recorder(record),
         }
         result = subprocess.run(
             [BIN / "cohost", "launch", service],
@@ -489,7 +466,7 @@ def test_launcher_starts_both_servers_from_the_compose_environment(
             check=False,
         )
         assert result.returncode == 0, result.stderr
-        started = json.loads(record.read_text())
+        started = recorded(record)
         argv: list[str] = started["argv"]
         # (`vllm serve` takes the model as its positional argument; a stand-in command
         # gets --model: cohost.launch.command.vllm_argv.)
@@ -507,7 +484,7 @@ def test_launcher_starts_both_servers_from_the_compose_environment(
             assert TEST_KEY not in " ".join(argv) + result.stderr
         # The plan's MPS share, as CUDA reads it when vLLM starts.
         assert plan["COHOST_SHARING"] == "mps"
-        mps_env = started["env"]
+        mps_env = started["mps"]
         assert mps_env["CUDA_MPS_PIPE_DIRECTORY"] == str(daemon.pipe)
         assert (
             mps_env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == plan[p + "MPS_ACTIVE_THREAD_PERCENTAGE"]

@@ -19,9 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,15 +30,18 @@ import jsonschema
 import kubernetes_validate.utils as kv
 import pytest
 import yaml
-from cohost import gpus, nvml
+from cohost import gpus
 from cohost.k8s import gpu as k8s_gpu
 from cohost.k8s import unit as k8s_unit
 from cohost.k8s.unit import MPS_CONTAINER, UnitError
 from cohost.launch.exits import EXIT_NO_MPS
-from cohost.launch.mps import NO_MPS_PIPE
+from cohost.launch.mps import MPS_VARIABLES, NO_MPS_PIPE
 from cohost.plan import envfile
 from cohost.units import MIB
 from feedback.settings import WorkerSettings
+
+from harness.launcher import clean_env, fake_card, recorded, recorder
+from harness.mps import FakeMpsDaemon
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,8 +54,6 @@ CHECKOV = ROOT / "tools" / "checkov" / ".venv" / "bin" / "checkov"
 KUBERNETES_VERSIONS = ["1.33.0", kv.latest_version()]
 TEST_KEY = "test-key-not-a-secret"
 ENGINE_SERVICES = ("chatbot", "feedback")
-MPS_ENV = ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_CLIENT_PRIORITY",
-           "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_PIPE_DIRECTORY")  # fmt: skip
 
 
 # ---------------------------------------------------------------- rendering
@@ -128,14 +127,7 @@ def run_as_user(deployment: dict[str, Any], container: dict[str, Any]) -> int:
 
 def overlay_plan(overlay: Path) -> Path:
     """The env file the overlay's generated/ files record."""
-    return ROOT / recorded_command(overlay / "generated" / "plan.yaml")[1]
-
-
-def recorded_command(path: Path) -> list[str]:
-    for line in path.read_text().splitlines()[:3]:
-        if line.startswith("#   cohost "):
-            return shlex.split(line.removeprefix("#").strip())[1:]
-    raise AssertionError(f"{path} does not record the command that wrote it")
+    return ROOT / envfile.command(overlay / "generated" / "plan.yaml")[1]
 
 
 def test_every_platform_has_an_overlay() -> None:
@@ -291,7 +283,7 @@ def test_every_skip_names_a_check_and_a_reason(rendered: list[dict[str, Any]]) -
 
 def test_generated_files_are_the_generators_output(overlay: Path, tmp_path: Path) -> None:
     generated = overlay / "generated"
-    argv = recorded_command(generated / "plan.yaml")
+    argv = envfile.command(generated / "plan.yaml")
     assert argv[0] == "k8s"
     where = argv.index("--write") + 1
     assert (ROOT / argv[where]).resolve() == generated.resolve(), "it records another folder"
@@ -344,19 +336,6 @@ def container_env(container: dict[str, Any], docs: list[dict[str, Any]]) -> dict
     return env
 
 
-def _no_inherited_settings() -> dict[str, str]:
-    prefixes = (
-        "CHATBOT_",
-        "FEEDBACK_",
-        "COHOST_",
-        "PUBSUB_",
-        "GOOGLE_",
-        "CUDA_MPS_",
-        "VIRTUAL_ENV",
-    )
-    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-
-
 @pytest.fixture
 def volumes(tmp_path: Path) -> dict[str, Path]:
     """A directory for each emptyDir of the unit Pod, made on first use: what a container
@@ -374,9 +353,8 @@ def volumes(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def mps_daemon(rendered: list[dict[str, Any]], volumes: dict[str, Path]) -> Iterator[Path]:
-    """The unit's MPS daemon, as its clients find it: a listening control socket
-    (SOCK_SEQPACKET, as nvidia-cuda-mps-control's) in the volume at the daemon container's
-    CUDA_MPS_PIPE_DIRECTORY. Yields that volume's directory."""
+    """The unit's MPS daemon, as its clients find it: its control socket in the volume at
+    the daemon container's CUDA_MPS_PIPE_DIRECTORY. Yields that volume's directory."""
     (daemon,) = {
         json.dumps(pod_containers(d)[MPS_CONTAINER], sort_keys=True)
         for d in units(rendered).values()
@@ -386,11 +364,8 @@ def mps_daemon(rendered: list[dict[str, Any]], volumes: dict[str, Path]) -> Iter
     assert pipe, "the daemon names no pipe directory"
     volume = volume_at(container, pipe)
     assert volume, f"the daemon's pipe directory {pipe} is on no volume"
-    directory = volumes[volume]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
-        server.bind(str(directory / "control"))
-        server.listen(8)
-        yield directory
+    with FakeMpsDaemon(volumes[volume]) as daemon:
+        yield daemon.pipe
 
 
 def launch(
@@ -411,25 +386,13 @@ def launch(
     return subprocess.run(
         [BIN / "cohost", "launch", *container["args"]],
         env={
-            **_no_inherited_settings(),
+            **clean_env(),
             **env,
             "COHOST_LOCK_DIR": str(tmp_path / "locks"),  # the gpu-locks emptyDir
             **extra,
         },
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-
-
-def fake_gpu(plan: dict[str, str], free: int, path: Path) -> Path:
-    total = int(plan["COHOST_GPU_TOTAL_BYTES"])
-    path.write_text(
-        nvml.GpuReading(
-            index=0, name=plan["COHOST_GPU_NAME"], uuid="GPU-k8s-test",
-            total_bytes=total, reserved_bytes=gpus.DEFAULT_RESERVED,
-            free_bytes=free, used_bytes=total - free,
-        ).to_json()
-    )  # fmt: skip
-    return path
 
 
 def test_engines_start_with_their_planned_flags(
@@ -452,24 +415,17 @@ def test_engines_start_with_their_planned_flags(
         for service in ENGINE_SERVICES:
             container = containers[f"{service}-engine"]
             assert container["args"] == [service]
-            fake = fake_gpu(plan, free, tmp_path / f"{service}-nvml.json")
+            fake = fake_card(plan, free, tmp_path / f"{service}-nvml.json", uuid="GPU-k8s-test")
             record = tmp_path / f"{service}-started.json"
-            script = tmp_path / "record.py"
-            script.write_text(
-                "import json, os, sys\n"
-                "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY'), "
-                f"'mps': {{k: os.environ.get(k) for k in {MPS_ENV!r}}}}}, "
-                "open(os.environ['RECORD'], 'w'))\n"
-            )
             p = envfile.prefix(service)
             result = launch(
                 container, rendered, volumes, tmp_path,
-                COHOST_FAKE_NVML=str(fake), RECORD=str(record),
+                COHOST_FAKE_NVML=str(fake),
                 COHOST_MPS_WAIT_S="5",  # the daemon is there: a wrong directory fails fast
-                **{p + "COMMAND": f"{sys.executable} {script}"},
+                **{p + "COMMAND": recorder(record)},
             )  # fmt: skip
             assert result.returncode == 0, result.stderr
-            started = json.loads(record.read_text())
+            started = recorded(record)
             flags = dict(zip(started["argv"][0::2], started["argv"][1::2], strict=False))
             assert flags["--model"] == plan[p + "MODEL"]
             assert flags["--served-model-name"] == plan[p + "SERVED_MODEL_NAME"]
@@ -496,7 +452,7 @@ def test_engines_start_with_their_planned_flags(
                         f"0={int(plan[p + 'MPS_PINNED_MEMORY_BYTES']) // MIB}M",
                 }, service  # fmt: skip
             else:
-                assert mps == {**dict.fromkeys(MPS_ENV), "CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
+                assert mps == {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
             free -= int(plan[p + "EXPECTED_PROCESS_BYTES"])
         free = total - gpus.DEFAULT_RESERVED
         assert free >= 0
@@ -510,7 +466,8 @@ def test_engines_refuse_to_start_without_the_daemon(
     plan = envfile.read(overlay_plan(overlay))
     if plan.get("COHOST_SHARING") != "mps":
         pytest.skip("a time-slicing plan uses no daemon")
-    fake = fake_gpu(plan, int(plan["COHOST_GPU_TOTAL_BYTES"]) // 2, tmp_path / "nvml.json")
+    half = int(plan["COHOST_GPU_TOTAL_BYTES"]) // 2
+    fake = fake_card(plan, half, tmp_path / "nvml.json", uuid="GPU-k8s-test")
     marker = tmp_path / "vllm-ran"
     for deployment in units(rendered).values():
         for service in ENGINE_SERVICES:
@@ -576,7 +533,7 @@ def test_mps_daemon_is_wired_like_compose(rendered: list[dict[str, Any]]) -> Non
             assert volume_at(container, "/dev/shm") == shm, name
             assert order.index(name) > order.index(MPS_CONTAINER), name
         # The daemon holds no plan and no MPS limits of its own: each client sets its own.
-        assert not any(e["name"] in MPS_ENV[:3] for e in daemon.get("env", []))
+        assert not any(e["name"] in MPS_VARIABLES for e in daemon.get("env", []))
 
 
 def test_worker_talks_to_its_own_engines(

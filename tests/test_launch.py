@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from cohost.launch.mps import NO_MPS_PIPE
 from cohost.processes import Child, console_script, free_port, http_ok, log_contains
 from cohost.units import MIB
 
+from harness.launcher import recorded, recorder
 from harness.mps import FakeMpsDaemon
 
 L4_TOTAL = 23034 * MIB
@@ -76,18 +76,6 @@ def gpu_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def recorder(tmp_path: Path) -> str:
-    """A command that records how it was started, then exits."""
-    script = tmp_path / "record.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY'), "
-        "'mps': {k: v for k, v in os.environ.items() if k.startswith('CUDA_MPS_')}}, "
-        f"open({str(tmp_path / 'started.json')!r}, 'w'))\n"
-    )
-    return f"{sys.executable} {script}"
-
-
 def launch(
     service: str, env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -104,12 +92,12 @@ def launch(
 def test_execs_vllm_with_the_planned_flags(gpu_env: dict[str, str], tmp_path: Path) -> None:
     env = {
         **gpu_env,
-        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path),
+        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
         "CHATBOT_ENGINE_API_KEY": "s3cret",
     }
     result = launch("chatbot", env)
     assert result.returncode == 0, result.stderr
-    started = json.loads((tmp_path / "started.json").read_text())
+    started = recorded(tmp_path / "started.json")
     argv = started["argv"]
     flags = dict(zip(argv[0::2], argv[1::2], strict=False))
     assert argv[0] == "--model"
@@ -129,7 +117,7 @@ def test_execs_vllm_with_the_planned_flags(gpu_env: dict[str, str], tmp_path: Pa
 
 def test_refuses_when_the_server_would_not_fit(gpu_env: dict[str, str], tmp_path: Path) -> None:
     Path(gpu_env["COHOST_FAKE_NVML"]).write_text(reading(free_mib=9000).to_json())
-    env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path)}
+    env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json")}
     result = launch("chatbot", env)
     assert result.returncode == EXIT_NO_MEMORY
     assert "refusing to start chatbot" in result.stderr
@@ -144,14 +132,14 @@ def test_refuses_when_the_server_would_not_fit(gpu_env: dict[str, str], tmp_path
 def test_refuses_another_card_unless_emulating(gpu_env: dict[str, str], tmp_path: Path) -> None:
     h100 = reading(free_mib=70000, total=81559 * MIB)
     Path(gpu_env["COHOST_FAKE_NVML"]).write_text(h100.to_json())
-    env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path)}
+    env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json")}
     result = launch("chatbot", env)
     assert result.returncode == EXIT_WRONG_GPU
     assert "the plan is for NVIDIA L4" in result.stderr
     # Emulating the L4 on the big card: the budget becomes a smaller share of its total.
     result = launch("chatbot", {**env, "COHOST_ALLOW_OTHER_GPU": "1"})
     assert result.returncode == 0, result.stderr
-    argv = json.loads((tmp_path / "started.json").read_text())["argv"]
+    argv = recorded(tmp_path / "started.json")["argv"]
     util = float(argv[argv.index("--gpu-memory-utilization") + 1])
     assert util == pytest.approx(11_000 / (81559 - 480), abs=1e-4)
 
@@ -173,7 +161,7 @@ def test_gives_up_on_a_gate_held_too_long(gpu_env: dict[str, str], tmp_path: Pat
         fcntl.flock(held, fcntl.LOCK_EX)
         env = {
             **gpu_env,
-            "CHATBOT_ENGINE_COMMAND": recorder(tmp_path),
+            "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
             "COHOST_GATE_TIMEOUT_S": "2",
         }
         result = launch("chatbot", env)
@@ -184,7 +172,11 @@ def test_gives_up_on_a_gate_held_too_long(gpu_env: dict[str, str], tmp_path: Pat
 
 def test_gate_is_released_when_the_server_dies(gpu_env: dict[str, str], tmp_path: Path) -> None:
     # The recorder exits at once: its keeper must let go, so the next start is not stuck.
-    env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path), "COHOST_GATE_TIMEOUT_S": "20"}
+    env = {
+        **gpu_env,
+        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
+        "COHOST_GATE_TIMEOUT_S": "20",
+    }
     assert launch("chatbot", env).returncode == 0
     started = time.monotonic()
     second = launch("chatbot", env)
@@ -252,26 +244,18 @@ def mps_env(gpu_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "CHATBOT_ENGINE_MPS_CLIENT_PRIORITY": "0",
         "CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES": str(LIMIT_MIB * MIB),
         "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
-        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path),
+        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
     }
-
-
-def started_with(tmp_path: Path) -> dict[str, object]:
-    data: dict[str, object] = json.loads((tmp_path / "started.json").read_text())
-    return data
 
 
 def test_starts_vllm_as_an_mps_client_with_the_planned_share(
     mps_env: dict[str, str], tmp_path: Path
 ) -> None:
-    daemon = FakeMpsDaemon(tmp_path / "mps")
-    try:
+    with FakeMpsDaemon(tmp_path / "mps") as daemon:
         result = launch("chatbot", mps_env)
-    finally:
-        daemon.close()
     assert result.returncode == 0, result.stderr
     assert daemon.connections >= 1, "the launcher asked the daemon before starting vLLM"
-    assert started_with(tmp_path)["mps"] == {
+    assert recorded(tmp_path / "started.json")["mps"] == {
         "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
         "CUDA_MPS_CLIENT_PRIORITY": "0",
@@ -304,14 +288,11 @@ def test_waits_for_a_daemon_that_comes_up(mps_env: dict[str, str], tmp_path: Pat
     )
     time.sleep(3)
     assert proc.poll() is None, "still waiting"
-    daemon = FakeMpsDaemon(tmp_path / "mps")
-    try:
+    with FakeMpsDaemon(tmp_path / "mps"):
         _, err = proc.communicate(timeout=60)
-    finally:
-        daemon.close()
     assert proc.returncode == 0, err
     assert "waiting for the MPS control daemon" in err
-    assert started_with(tmp_path)["mps"]
+    assert recorded(tmp_path / "started.json")["mps"]
 
 
 def test_an_mps_plan_without_shares_names_what_is_missing(mps_env: dict[str, str]) -> None:
@@ -326,20 +307,17 @@ def test_an_mps_plan_without_shares_names_what_is_missing(mps_env: dict[str, str
 def test_time_slicing_keeps_vllm_out_of_a_running_daemon(
     gpu_env: dict[str, str], tmp_path: Path
 ) -> None:
-    daemon = FakeMpsDaemon(tmp_path / "mps")
     env = {
         **gpu_env,
         "COHOST_SHARING": "time-slicing",
         "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50",  # left over in the environment
-        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path),
+        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
     }
-    try:
+    with FakeMpsDaemon(tmp_path / "mps"):
         result = launch("chatbot", env)
-    finally:
-        daemon.close()
     assert result.returncode == 0, result.stderr
-    assert started_with(tmp_path)["mps"] == {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
+    assert recorded(tmp_path / "started.json")["mps"] == {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
     assert not Path(NO_MPS_PIPE).exists()
     assert "time-slicing (not an MPS client)" in result.stderr
 
@@ -349,20 +327,17 @@ def test_a_stricter_share_given_by_the_platform_is_kept(
 ) -> None:
     """GKE's device plugin gives each container its MPS share in these variables; a client's
     own can only lower it, so the launcher keeps whichever is stricter."""
-    daemon = FakeMpsDaemon(tmp_path / "mps")
     platform = {
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50",
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=11G",
         "CHATBOT_ENGINE_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
     }
-    try:
+    with FakeMpsDaemon(tmp_path / "mps"):
         assert launch("chatbot", {**mps_env, **platform}).returncode == 0
-        stricter = started_with(tmp_path)["mps"]
+        stricter = recorded(tmp_path / "started.json")["mps"]
         looser = {**platform, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=20000M"}
         assert launch("chatbot", {**mps_env, **looser}).returncode == 0
-        planned = started_with(tmp_path)["mps"]
-    finally:
-        daemon.close()
+        planned = recorded(tmp_path / "started.json")["mps"]
     assert isinstance(stricter, dict)
     assert isinstance(planned, dict)
     assert stricter["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
@@ -371,13 +346,10 @@ def test_a_stricter_share_given_by_the_platform_is_kept(
 
 
 def test_refuses_a_cap_below_the_servers_plan(mps_env: dict[str, str], tmp_path: Path) -> None:
-    daemon = FakeMpsDaemon(tmp_path / "mps")
-    try:
+    with FakeMpsDaemon(tmp_path / "mps"):
         result = launch(
             "chatbot", {**mps_env, "CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES": str(10_000 * MIB)}
         )
-    finally:
-        daemon.close()
     assert result.returncode == EXIT_CONFIG
     assert "caps chatbot at 10,000 MiB under MPS, but the server needs 12,000 MiB" in result.stderr
     assert not (tmp_path / "started.json").exists()

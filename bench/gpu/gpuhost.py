@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-for sub in ("ops/src", "shared/src", "services/feedback/src"):
+# The repository root too: harness/ (what the CPU smoke run fakes) lives there.
+for sub in ("", "ops/src", "shared/src", "services/feedback/src"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
 

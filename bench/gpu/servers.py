@@ -15,10 +15,12 @@ from typing import Any
 
 import gpuhost
 import sharing
-from cohost import cli, gpus, nvml, vllm_log
+from cohost import cli, vllm_log
 from cohost.plan import envfile
 from cohost.plan.envfile import prefix
 from cohost.processes import Child, http_ok
+
+from harness.mps import FakeMpsDaemon
 
 ROOT = gpuhost.ROOT
 SERVICES = ("chatbot", "feedback")
@@ -221,8 +223,6 @@ class FakeDaemon:
     MPS path runs (harness.mps)."""
 
     def __init__(self, run: Run) -> None:
-        from harness.mps import FakeMpsDaemon
-
         self.fake = FakeMpsDaemon(run.out / "mps-pipe")
 
     def quit(self) -> None:
@@ -241,20 +241,3 @@ def start_daemon(run: Run) -> Any:
     daemon = gpuhost.MpsDaemon(run.out / "mps-pipe", run.out / "mps-log")
     daemon.start()
     return daemon
-
-
-def fake_nvml(run: Run, plan: dict[str, str]) -> Path:
-    total = int(plan["COHOST_GPU_TOTAL_BYTES"])
-    path = run.out / "fake-nvml.json"
-    path.write_text(
-        nvml.GpuReading(
-            0,
-            str(plan["COHOST_GPU_NAME"]),
-            "GPU-cpu-smoke",
-            total,
-            gpus.DEFAULT_RESERVED,
-            total - gpus.DEFAULT_RESERVED,
-            0,
-        ).to_json()
-    )
-    return path

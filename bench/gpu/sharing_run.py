@@ -47,10 +47,11 @@ from servers import (
     Run,
     base_env,
     engine_env,
-    fake_nvml,
     start_daemon,
     time_slicing_plan,
 )
+
+from harness.launcher import fake_card
 
 
 def profile_run(run: Run, name: str, steps: list[str], models: Path) -> None:
@@ -59,7 +60,9 @@ def profile_run(run: Run, name: str, steps: list[str], models: Path) -> None:
     base = base_env(run)
     engines = engine_env(run, plan, models if run.cpu else models / name)
     if run.cpu:
-        base["COHOST_FAKE_NVML"] = str(fake_nvml(run, plan))
+        free = int(plan["COHOST_GPU_TOTAL_BYTES"]) - gpus.DEFAULT_RESERVED
+        fake = fake_card(plan, free, run.out / "fake-nvml.json", uuid="GPU-cpu-smoke")
+        base["COHOST_FAKE_NVML"] = str(fake)
     ballast = None
     if not run.cpu:
         card = int(plan["COHOST_GPU_TOTAL_BYTES"]) - gpus.DEFAULT_RESERVED
