@@ -39,7 +39,7 @@ for sub in ("shared/src", "services/feedback/src"):
 import httpx2  # noqa: E402
 import openai  # noqa: E402
 from cohost_shared import endpoints, logs  # noqa: E402
-from cohost_shared.metrics import Metrics  # noqa: E402
+from cohost_shared.metrics import VLLM_LOAD, Metrics  # noqa: E402
 from feedback.inprocess import InProcessSink, InProcessSource  # noqa: E402
 from feedback.settings import WorkerSettings  # noqa: E402
 from feedback.worker import Worker  # noqa: E402
@@ -242,7 +242,7 @@ async def timeline(
             point: dict[str, object] = {"t": round(time.monotonic() - start, 2)}
             for key, url in urls.items():
                 try:
-                    point[key] = Metrics.parse((await client.get(url)).text).vllm_load()
+                    point[key] = Metrics.parse((await client.get(url)).text, VLLM_LOAD).vllm_load()
                 except httpx2.HTTPError:
                     point[key] = None
             if worker is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cohost_shared.metrics import Metrics
+from cohost_shared.metrics import VLLM_LOAD, Metrics
 
 
 def test_parse_metrics_reads_labels_escapes_and_special_values() -> None:
@@ -39,3 +39,17 @@ def test_vllm_load_is_running_plus_waiting_or_none() -> None:
     assert Metrics.parse(text).vllm_load() == 5
     assert Metrics.parse('vllm:num_requests_waiting{model_name="x"} 1.0\n').vllm_load() == 1
     assert Metrics.parse("other_metric 4.0\n").vllm_load() is None
+
+
+def test_parse_can_keep_only_named_samples() -> None:
+    """The worker reads two gauges twice a second: only their lines are parsed."""
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="chatbot"} 2.0\n'
+        "vllm:num_requests_waiting 3.0\n"
+        'vllm:num_requests_running_total{model_name="chatbot"} 9.0\n'
+        'vllm:e2e_request_latency_seconds_bucket{le="0.3"} 7.0\n'
+    )
+    kept = Metrics.parse(text, VLLM_LOAD)
+    assert sorted(s.name for s in kept.samples) == sorted(VLLM_LOAD)
+    assert kept.vllm_load() == Metrics.parse(text).vllm_load() == 5

@@ -7,7 +7,7 @@ hide the rest of a scrape), so each line is parsed on its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 # vLLM's own gauges of how busy a server is.
 VLLM_RUNNING = "vllm:num_requests_running"
 VLLM_WAITING = "vllm:num_requests_waiting"
+VLLM_LOAD = (VLLM_RUNNING, VLLM_WAITING)  # all that `vllm_load` reads
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,14 @@ class Sample:
     value: float
 
 
-def parse_samples(text: str) -> list[Sample]:
+def parse_samples(text: str, names: Collection[str] | None = None) -> list[Sample]:
+    """Every sample of the scrape, or only those named in `names` (the other lines are
+    not parsed: a vLLM page has hundreds, and the worker reads two of them twice a second)."""
     samples: list[Sample] = []
     for line in text.splitlines():
         if not line.strip() or line.startswith("#"):
+            continue
+        if names is not None and line.split("{", 1)[0].split(None, 1)[0] not in names:
             continue
         try:
             families = list(text_string_to_metric_families(line + "\n"))
@@ -46,8 +51,8 @@ class Metrics:
         self.samples = list(samples)
 
     @classmethod
-    def parse(cls, text: str) -> Metrics:
-        return cls(parse_samples(text))
+    def parse(cls, text: str, names: Collection[str] | None = None) -> Metrics:
+        return cls(parse_samples(text, names))
 
     def has(self, name: str) -> bool:
         return any(s.name == name for s in self.samples)

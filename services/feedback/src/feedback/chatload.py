@@ -1,7 +1,8 @@
 """Chat-first sharing: the worker yields the GPU while the chatbot is busy.
 
-Both vLLM servers time-share one GPU, so every feedback step the GPU runs delays
-the chatbot's next token. The chatbot's own Prometheus endpoint says how many chat
+Under time-slicing the GPU alternates between the two vLLM servers, so every feedback
+step it runs delays the chatbot's next token (under MPS the policy measured no gain and
+compose leaves it off: docs/sharing.md). The chatbot's own Prometheus endpoint says how many chat
 requests are running and waiting; from that the worker sets how many engine calls
 it makes at once:
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import httpx2
 import structlog
-from cohost_shared.metrics import Metrics
+from cohost_shared.metrics import VLLM_LOAD, Metrics
 
 from feedback import metrics
 from feedback.limiter import Limiter
@@ -35,7 +36,7 @@ log = structlog.get_logger(__name__)
 
 def chat_load(exposition: str) -> int | None:
     """Running + waiting chat requests from a vLLM /metrics page (None if absent)."""
-    return Metrics.parse(exposition).vllm_load()
+    return Metrics.parse(exposition, VLLM_LOAD).vllm_load()
 
 
 @dataclass
