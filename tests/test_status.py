@@ -104,7 +104,7 @@ def test_gpu_shows_the_sharing_and_each_share(
     plan = checks.read_plan(L4_PLAN)[0]
     chat_cap = int(plan["CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES"])
     assert check.details["sharing"] == "mps"
-    assert f"MPS: chatbot 100% of SMs, normal priority, cap {chat_cap / MIB:,.0f} MiB" in (
+    assert f"MPS: chatbot 100% of SMs, normal priority, limit {chat_cap / MIB:,.0f} MiB" in (
         check.summary
     )
     assert "feedback 30% of SMs, low priority" in check.summary

@@ -70,7 +70,7 @@ class Pair:
     ) -> None:
         self.run, self.profile, self.plan = run, profile, plan
         self.values = envfile.read(plan)
-        self.sharing = self.values.get("COHOST_SHARING", "time-slicing")
+        self.sharing = envfile.sharing_of(self.values)
         # The plan, then what this host runs instead of the real model (dummy weights, the
         # bundle's vLLM, local ports).
         self.env = {**base, **self.values, **engines}

@@ -17,6 +17,7 @@ from pathlib import Path
 from cohost_shared import endpoints
 
 from cohost.plan import sharing
+from cohost.units import MIB
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -52,7 +53,7 @@ def _plan(args: argparse.Namespace) -> int:
         else:
             gpu = gpus.detect()
         specs = [plan.ServiceSpec.parse(text) for text in args.service]
-        headroom = None if args.headroom_mib is None else args.headroom_mib * (1 << 20)
+        headroom = None if args.headroom_mib is None else args.headroom_mib * MIB
         result = plan.make_plan(gpu, specs, headroom, args.sharing)
     except (gpus.GpuError, models.ModelError, plan.PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)

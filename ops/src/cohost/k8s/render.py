@@ -27,7 +27,6 @@ import yaml
 from cohost.k8s import gpu as gpus
 from cohost.k8s.unit import MPS_CONTAINER, Unit, from_plan
 from cohost.plan import envfile
-from cohost.units import MIB
 
 PLAN_CONFIGMAP = "cohost-plan"
 # Chat units scale when their chatbots run this fraction of max_num_seqs on average: a new
@@ -166,15 +165,7 @@ def _sharing_lines(unit: Unit, request: gpus.GpuRequest) -> list[str]:
         f"  {MPS_CONTAINER}: {request.shares[MPS_CONTAINER]} share, the MPS control daemon",
     ]
     for e in unit.engines:
-        if unit.sharing == "mps":
-            priority = "normal" if e.priority == 0 else "low"
-            what = (
-                f"MPS {e.thread_percentage} % of SMs, {priority} priority, "
-                f"limit {e.cap_bytes / MIB:,.0f} MiB"
-            )
-        else:
-            what = f"planned process {e.cap_bytes / MIB:,.0f} MiB"
-        lines.append(f"  {e.container}: {request.shares[e.container]} share, {what}")
+        lines.append(f"  {e.container}: {request.shares[e.container]} share, {e.describe()}")
     return lines
 
 

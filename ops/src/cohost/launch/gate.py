@@ -15,12 +15,11 @@ import os
 import time
 from pathlib import Path
 
-import httpx2
-
 from cohost import nvml
 from cohost.launch import watchdog
 from cohost.launch.exits import EXIT_GATE_TIMEOUT, Refusal, say
 from cohost.launch.settings import EngineSettings
+from cohost.processes import http_ok
 
 
 def take(service: str, settings: EngineSettings, reading: nvml.GpuReading) -> int:
@@ -99,19 +98,18 @@ def _release_when_healthy(
 ) -> bool:
     """Hold the gate until /health answers, the server dies or `timeout`; True if healthy."""
     started = time.monotonic()
-    url = f"http://127.0.0.1:{port}/health"
+    healthy = http_ok(f"http://127.0.0.1:{port}/health", timeout=2)
     try:
         while True:
-            if not watchdog._alive(server_pid):
+            if not watchdog.pid_alive(server_pid):
                 say(service, "server exited before it was healthy; start gate released")
                 return False
-            with contextlib.suppress(httpx2.HTTPError):
-                if httpx2.get(url, timeout=2).status_code == 200:
-                    say(
-                        service,
-                        f"healthy after {time.monotonic() - started:.0f} s; start gate released",
-                    )
-                    return True
+            if healthy():
+                say(
+                    service,
+                    f"healthy after {time.monotonic() - started:.0f} s; start gate released",
+                )
+                return True
             if time.monotonic() - started > timeout:
                 say(service, f"not healthy after {timeout:.0f} s; start gate released")
                 return False

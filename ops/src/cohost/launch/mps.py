@@ -73,14 +73,6 @@ def wait_for_daemon(service: str, settings: EngineSettings) -> None:
         time.sleep(1)
 
 
-def memory_limit(settings: EngineSettings, environ: Mapping[str, str]) -> str:
-    """CUDA_MPS_PINNED_DEVICE_MEM_LIMIT: `<ordinal>=<MiB>M`. The ordinal is the GPU as the
-    client's CUDA numbers it: 0 where CUDA_VISIBLE_DEVICES picks it (a container's one GPU)."""
-    assert settings.mps_pinned_memory_bytes is not None
-    ordinal = 0 if environ.get("CUDA_VISIBLE_DEVICES") else settings.gpu_index
-    return f"{ordinal}={settings.mps_pinned_memory_bytes // MIB}M"
-
-
 def _limit_mib(value: str, ordinal: int) -> int | None:
     """The MiB a CUDA_MPS_PINNED_DEVICE_MEM_LIMIT value gives `ordinal` (`0=10G,1=512M`)."""
     for entry in value.split(","):
@@ -113,12 +105,15 @@ def client_env(settings: EngineSettings, base: Mapping[str, str]) -> dict[str, s
         threads = int(given)
     env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(threads)
     env["CUDA_MPS_CLIENT_PRIORITY"] = str(settings.mps_client_priority)
-    limit = memory_limit(settings, base)
-    ordinal, _, planned = limit.partition("=")
-    platform = _limit_mib(base.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", ""), int(ordinal))
-    if platform is not None and platform < int(planned[:-1]):
-        limit = f"{ordinal}={platform}M"
-    env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = limit
+    # CUDA_MPS_PINNED_DEVICE_MEM_LIMIT is `<ordinal>=<MiB>M`, the ordinal the GPU as the
+    # client's CUDA numbers it: 0 where CUDA_VISIBLE_DEVICES picks it (a container's one GPU).
+    assert settings.mps_pinned_memory_bytes is not None
+    ordinal = 0 if base.get("CUDA_VISIBLE_DEVICES") else settings.gpu_index
+    limit_mib = settings.mps_pinned_memory_bytes // MIB
+    platform = _limit_mib(base.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", ""), ordinal)
+    if platform is not None and platform < limit_mib:
+        limit_mib = platform
+    env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"{ordinal}={limit_mib}M"
     return env
 
 

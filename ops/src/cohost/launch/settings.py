@@ -4,7 +4,6 @@ every launcher of a GPU."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from cohost_shared.settings import env_errors
 from pydantic import Field, SecretStr, ValidationError
@@ -12,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cohost.launch.exits import EXIT_CONFIG, Refusal
 from cohost.plan.envfile import prefix
+from cohost.plan.sharing import UNSTATED_MODE, Sharing
 
 
 class EngineSettings(BaseSettings):
@@ -49,11 +49,8 @@ class EngineSettings(BaseSettings):
     # For emulating a smaller card on a bigger one (memory held by a ballast process).
     allow_other_gpu: bool = Field(default=False, validation_alias="COHOST_ALLOW_OTHER_GPU")
 
-    # How the plan shares the GPU (cohost.plan.sharing); a plan without the variable
-    # predates MPS and was made for time-slicing.
-    sharing: Literal["mps", "time-slicing"] = Field(
-        default="time-slicing", validation_alias="COHOST_SHARING"
-    )
+    # How the plan shares the GPU; a plan without the variable predates MPS.
+    sharing: Sharing = Field(default=UNSTATED_MODE, validation_alias="COHOST_SHARING")
     mps_active_thread_percentage: int | None = Field(default=None, ge=1, le=100)
     mps_client_priority: int | None = Field(default=None, ge=0, le=1)
     mps_pinned_memory_bytes: int | None = Field(default=None, gt=0)

@@ -17,9 +17,8 @@ import signal
 import time
 from pathlib import Path
 
-import httpx2
-
 from cohost.launch.exits import say
+from cohost.processes import http_ok
 
 INTERVAL_S = 5.0
 
@@ -51,12 +50,11 @@ def kill_tree(pid: int) -> list[int]:
 
 def watch(server_pid: int, service: str, port: int, limit_s: float) -> None:
     """Return when the server is gone; kill it when it stops answering for `limit_s`."""
-    url = f"http://127.0.0.1:{port}/health"
+    healthy = http_ok(f"http://127.0.0.1:{port}/health", timeout=INTERVAL_S)
     last_ok = time.monotonic()
-    while _alive(server_pid):
-        with contextlib.suppress(httpx2.HTTPError):
-            if httpx2.get(url, timeout=INTERVAL_S).status_code == 200:
-                last_ok = time.monotonic()
+    while pid_alive(server_pid):
+        if healthy():
+            last_ok = time.monotonic()
         silent = time.monotonic() - last_ok
         if silent >= limit_s:
             victims = kill_tree(server_pid)
@@ -70,7 +68,7 @@ def watch(server_pid: int, service: str, port: int, limit_s: float) -> None:
         time.sleep(INTERVAL_S)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -11,15 +11,20 @@ compose, python-dotenv and `set -a; . deploy/l4.env` all read the same way.
 from __future__ import annotations
 
 import io
+import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dotenv.parser import parse_stream
 
-from cohost.plan import models
+from cohost.plan import models, sharing
 from cohost.plan.fit import Plan, ServicePlan
 from cohost.units import MIB
+
+# A service's MPS share under its prefix: SM percentage, client priority, memory cap.
+MPS_KEYS = ("MPS_ACTIVE_THREAD_PERCENTAGE", "MPS_CLIENT_PRIORITY", "MPS_PINNED_MEMORY_BYTES")
+_ENGINE_MODEL = re.compile(r"^(?P<svc>[A-Z][A-Z0-9_]*)_ENGINE_MODEL$")
 
 
 def prefix(service: str) -> str:
@@ -43,9 +48,8 @@ def service_variables(s: ServicePlan) -> dict[str, str]:
     if s.kv_pinned:
         values["KV_CACHE_MEMORY_BYTES"] = str(fp.kv_cache)
     if s.mps is not None:
-        values["MPS_ACTIVE_THREAD_PERCENTAGE"] = str(s.mps.sm_percent)
-        values["MPS_CLIENT_PRIORITY"] = str(s.mps.client_priority)
-        values["MPS_PINNED_MEMORY_BYTES"] = str(s.mps.memory_limit_bytes)
+        share = (s.mps.sm_percent, s.mps.client_priority, s.mps.memory_limit_bytes)
+        values.update(zip(MPS_KEYS, map(str, share), strict=True))
     return {p + k: v for k, v in values.items()}
 
 
@@ -119,3 +123,30 @@ def command(path: Path) -> list[str]:
         if line.startswith("#   cohost "):
             return shlex.split(line.removeprefix("#").strip())[1:]
     raise ValueError(f"{path} does not record the command that wrote it")
+
+
+def sharing_of(values: Mapping[str, str]) -> str:
+    """The plan's GPU sharing (COHOST_SHARING; a plan without it predates MPS)."""
+    return values.get("COHOST_SHARING", sharing.UNSTATED_MODE)
+
+
+def engines(values: Mapping[str, str]) -> list[str]:
+    """The services the plan starts, in its order (the start order): one per
+    <SVC>_ENGINE_MODEL, so a plan with other or more services is read the same way."""
+    found = (_ENGINE_MODEL.match(key) for key in values)
+    return [m.group("svc").lower().replace("_", "-") for m in found if m]
+
+
+def mps_share(values: Mapping[str, str], service: str) -> sharing.MpsShare | None:
+    """The service's MPS share as the file gives it; None when the plan does not share
+    through MPS. ValueError says what is missing or malformed."""
+    if sharing_of(values) != "mps":
+        return None
+    p = prefix(service)
+    missing = [p + k for k in MPS_KEYS if p + k not in values]
+    if missing:
+        raise ValueError(f"COHOST_SHARING=mps, but the plan lacks {', '.join(missing)}")
+    sm, priority, limit = (int(values[p + k]) for k in MPS_KEYS)
+    if priority not in sharing.PRIORITY_NAMES:
+        raise ValueError(f"{p}MPS_CLIENT_PRIORITY={priority}: expected 0 (normal) or 1 (low)")
+    return sharing.MpsShare(sm, sharing.PRIORITY_NAMES[priority], limit)

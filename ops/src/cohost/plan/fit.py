@@ -113,7 +113,7 @@ class Plan:
     @property
     def mps_server_bytes(self) -> int:
         """The MPS server process, once per GPU (0 under time-slicing)."""
-        return memory.MPS_SERVER_BYTES if self.sharing == "mps" else 0
+        return sharing.server_bytes(self.sharing)
 
     @property
     def used_bytes(self) -> int:
@@ -230,7 +230,7 @@ def fit(
     )
     services = [_prepare(spec, mode, i) for i, spec in enumerate(specs)]
     total = gpu.cuda_total_bytes
-    mps_server = memory.MPS_SERVER_BYTES if mode == "mps" else 0
+    mps_server = sharing.server_bytes(mode)
     problems: list[str] = []
 
     fixed_util = [s for s in services if s.spec.util is not None]

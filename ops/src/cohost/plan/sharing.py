@@ -20,17 +20,24 @@ instead of taking the other's memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from cohost.plan.memory import MPS_SERVER_BYTES
 from cohost.plan.spec import PlanError, ServiceSpec
 from cohost.units import MIB
 
-MODES = ("mps", "time-slicing")
-DEFAULT_MODE = "mps"
+Sharing = Literal["mps", "time-slicing"]
+MODES: tuple[Sharing, ...] = ("mps", "time-slicing")
+DEFAULT_MODE: Sharing = "mps"
+# A plan written before `cohost plan --sharing` existed carries no COHOST_SHARING: its
+# servers were started as plain CUDA processes, which time-slice the GPU.
+UNSTATED_MODE: Sharing = "time-slicing"
 
 INTERACTIVE_SM_PERCENT = 100
 # The batch (feedback) server's share of the SMs: measured in docs/sharing.md.
 BATCH_SM_PERCENT = 30
 PRIORITIES = {"normal": 0, "low": 1}
+PRIORITY_NAMES = {number: name for name, number in PRIORITIES.items()}
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,11 @@ class MpsShare:
             f"{self.sm_percent}% of SMs, {self.priority} priority, "
             f"limit {self.memory_limit_bytes / MIB:,.0f} MiB"
         )
+
+
+def server_bytes(mode: str) -> int:
+    """The MPS server process, once per GPU under MPS (it holds its clients' context)."""
+    return MPS_SERVER_BYTES if mode == "mps" else 0
 
 
 def check_mode(mode: str) -> None:

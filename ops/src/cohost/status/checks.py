@@ -7,7 +7,8 @@ is down: every check ends in a `Check` with a state and a one-line reason.
   feedback_succeeded_total, feedback_dead_lettered_total{reason},
   feedback_nacked_total{cause}, feedback_concurrency_limit, ...);
 - the GPU: NVML through `cohost.nvml.read()` (COHOST_FAKE_NVML in tests), compared
-  with the plan's env file (<SERVICE>_ENGINE_EXPECTED_PROCESS_BYTES, COHOST_GPU_*).
+  with the plan's env file (<SERVICE>_ENGINE_EXPECTED_PROCESS_BYTES, COHOST_GPU_*), and
+  how the plan shares it (COHOST_SHARING, each <SERVICE>_ENGINE_MPS_* share).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ import httpx2
 from cohost_shared.metrics import VLLM_RUNNING, VLLM_WAITING, Metrics
 
 from cohost import gpus, nvml
-from cohost.plan import envfile, memory
+from cohost.plan import envfile, sharing
 from cohost.units import MIB
 
 # A GPU process may use this much more than its plan before status calls it over.
@@ -148,61 +149,29 @@ def check_worker(url: str, *, timeout: float = 3.0) -> Check:
 
 
 @dataclass(frozen=True)
-class MpsShare:
-    """A service's planned MPS share, as the env file gives it."""
-
-    sm_percent: int
-    client_priority: int
-    memory_limit_bytes: int
-
-    def describe(self) -> str:
-        priority = {0: "normal", 1: "low"}.get(self.client_priority, str(self.client_priority))
-        return (
-            f"{self.sm_percent}% of SMs, {priority} priority, "
-            f"cap {self.memory_limit_bytes / MIB:,.0f} MiB"
-        )
-
-
-@dataclass(frozen=True)
 class PlannedService:
     name: str
     expected_bytes: int
     served_model_name: str
     model: str
-    mps: MpsShare | None = None
+    mps: sharing.MpsShare | None = None
 
 
 def read_plan(path: Path) -> tuple[dict[str, str], list[PlannedService]]:
     values = envfile.read(path)
     services: list[PlannedService] = []
-    suffix = "_ENGINE_EXPECTED_PROCESS_BYTES"
-    for key, value in values.items():
-        if key.endswith(suffix):
-            upper = key.removesuffix(suffix)
-            name = upper.lower().replace("_", "-")
-            mps = f"{upper}_ENGINE_MPS_"
-            share = None
-            if values.get("COHOST_SHARING") == "mps":
-                share = MpsShare(
-                    int(values[mps + "ACTIVE_THREAD_PERCENTAGE"]),
-                    int(values[mps + "CLIENT_PRIORITY"]),
-                    int(values[mps + "PINNED_MEMORY_BYTES"]),
-                )
-            services.append(
-                PlannedService(
-                    name=name,
-                    expected_bytes=int(value),
-                    served_model_name=values.get(f"{upper}_ENGINE_SERVED_MODEL_NAME", name),
-                    model=values.get(f"{upper}_ENGINE_MODEL", ""),
-                    mps=share,
-                )
+    for name in envfile.engines(values):
+        p = envfile.prefix(name)
+        services.append(
+            PlannedService(
+                name=name,
+                expected_bytes=int(values[p + "EXPECTED_PROCESS_BYTES"]),
+                served_model_name=values.get(p + "SERVED_MODEL_NAME", name),
+                model=values[p + "MODEL"],
+                mps=envfile.mps_share(values, name),
             )
+        )
     return values, services
-
-
-def sharing_of(values: dict[str, str]) -> str:
-    """The plan's GPU sharing; a plan written before MPS was made for time-slicing."""
-    return values.get("COHOST_SHARING", "time-slicing")
 
 
 # How an MPS server process shows up (nvidia-smi, /proc): it holds the GPU context of its
@@ -259,7 +228,7 @@ def check_gpu_memory(
         if owner:
             by_service[owner.name] = by_service.get(owner.name, 0) + p.used_bytes
     # Under MPS the plan holds one MPS server too (it keeps the clients' GPU context).
-    mps_server = memory.MPS_SERVER_BYTES if any(s.mps for s in services) else 0
+    mps_server = sharing.server_bytes(envfile.sharing_of(plan_values)) if services else 0
     planned_total = sum(s.expected_bytes for s in services) + mps_server
     per_service: list[dict[str, Any]] = []
     for s in services:
@@ -270,7 +239,7 @@ def check_gpu_memory(
                 "service": s.name,
                 "used_bytes": used,
                 "expected_bytes": s.expected_bytes,
-                "mps": None if s.mps is None else asdict(s.mps),
+                "mps": None if s.mps is None else _share_json(s.mps),
             }
         )
         if over and used is not None:
@@ -301,7 +270,7 @@ def check_gpu_memory(
         "used_bytes": reading.used_bytes,
         "free_bytes": reading.free_bytes,
         "plan": str(plan_path) if plan_path else None,
-        "sharing": sharing_of(plan_values) if services else None,
+        "sharing": envfile.sharing_of(plan_values) if services else None,
         "planned_bytes": planned_total or None,
         "services": per_service,
         "processes": processes,
@@ -355,3 +324,11 @@ def _duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _share_json(share: sharing.MpsShare) -> dict[str, int]:
+    return {
+        "sm_percent": share.sm_percent,
+        "client_priority": share.client_priority,
+        "memory_limit_bytes": share.memory_limit_bytes,
+    }
