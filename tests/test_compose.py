@@ -1,9 +1,7 @@
-"""The Docker deployment, checked statically with the real tools (no Docker engine here).
+"""The compose stack, checked statically with the real tools (no Docker engine here).
 
 - docker-compose.yml and compose.local.yml against the Compose specification's JSON schema
   (check-jsonschema), and through the real Compose v2 CLI's `config` where one is installed;
-- both Dockerfiles through hadolint, and their build stages replayed: the COPY steps from a
-  context filtered by .dockerignore, then their `uv sync` commands, into a scratch venv;
 - the plan env files against a fresh run of the `cohost plan` command each one records;
 - the launcher and the worker fed exactly what compose would give their containers;
 - the start order, health gates, GPU sharing, key handling and restart policies.
@@ -11,8 +9,6 @@
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -21,16 +17,11 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
-import tomllib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cohost import gpus
 from cohost.launch.settings import EngineSettings
 from cohost.plan import envfile
@@ -38,64 +29,32 @@ from feedback.settings import WorkerSettings
 
 from harness.launcher import clean_env, fake_card, recorded, recorder
 from harness.mps import FakeMpsDaemon
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-COMPOSE = ROOT / "docker-compose.yml"
-LOCAL = ROOT / "compose.local.yml"
-WORKER_DOCKERFILE = ROOT / "services" / "feedback" / "Dockerfile"
-ENGINE_DOCKERFILE = ROOT / "services" / "chatbot" / "Dockerfile"
-DOCKERFILES = [WORKER_DOCKERFILE, ENGINE_DOCKERFILE]
-ENV_FILES = sorted((ROOT / "deploy").glob("*.env"))
-PROFILES = [path.stem for path in ENV_FILES]
-
-VLLM_IMAGE = "vllm/vllm-openai:v0.26.0"
-# compose service -> the `cohost launch` service it runs
-ENGINES = {"chatbot": "chatbot", "feedback-engine": "feedback"}
-WORKER = "feedback-worker"
-ENGINE_PORT = 8000
-# Values tests give the variables compose requires.
-TEST_KEY = "test-key-not-a-secret"
-GPU_STACK = ("torch", "vllm", "bitsandbytes", "triton", "xformers", "flashinfer", "nvidia-cu")
-
-
-# ---------------------------------------------------------------- helpers: compose
-
-
-class MissingVariable(LookupError):
-    pass
-
-
-_INTERPOLATION = re.compile(
-    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+from tests.deployfiles import (
+    BIN,
+    COMPOSE,
+    ENGINE_DOCKERFILE,
+    ENGINE_PORT,
+    ENGINES,
+    ENV_FILES,
+    INTERPOLATION,
+    LOCAL,
+    PROFILES,
+    ROOT,
+    TEST_KEY,
+    WORKER,
+    WORKER_DOCKERFILE,
+    MissingVariable,
+    container_env,
+    depends_on,
+    duration_s,
+    env_files,
+    environment,
+    interpolate,
+    load,
+    parse_dockerfile,
+    shell_for,
+    strings,
 )
-
-
-def interpolate(text: str, env: Mapping[str, str]) -> str:
-    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $$."""
-
-    def one(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name, op, arg = match.group("name"), match.group("op"), match.group("arg") or ""
-        value = env.get(name)
-        if op is None:
-            return value or ""
-        if op == ":-":
-            return value if value else arg
-        if op == "-":
-            return value if value is not None else arg
-        if value is None or (op == ":?" and not value):
-            raise MissingVariable(f"{name}: {arg}")
-        return value
-
-    return _INTERPOLATION.sub(one, text)
-
-
-def load(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text())
-    assert isinstance(data, dict)
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -107,215 +66,6 @@ def compose() -> dict[str, Any]:
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = compose["services"]
     return found
-
-
-def strings(node: Any) -> Iterator[str]:
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from strings(key)
-            yield from strings(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from strings(item)
-
-
-def environment(service: dict[str, Any]) -> dict[str, Any]:
-    env = service.get("environment") or {}
-    assert isinstance(env, dict), "environment as a mapping, so keys can be checked"
-    return env
-
-
-def env_files(service: dict[str, Any], shell: Mapping[str, str]) -> list[Path]:
-    entries = service.get("env_file") or []
-    entries = [entries] if isinstance(entries, str) else entries
-    return [ROOT / interpolate(e if isinstance(e, str) else e["path"], shell) for e in entries]
-
-
-def container_env(service: dict[str, Any], shell: Mapping[str, str]) -> dict[str, str]:
-    """What a container of this service starts with: env files, then `environment`
-    (a variable without a value is passed through from the shell, or left out)."""
-    env: dict[str, str] = {}
-    for path in env_files(service, shell):
-        env.update(envfile.read(path))
-    for key, value in environment(service).items():
-        if value is None:
-            if key in shell:
-                env[key] = shell[key]
-            else:
-                env.pop(key, None)
-        else:
-            env[key] = interpolate(str(value), shell)
-    return env
-
-
-def shell_for(profile: str) -> dict[str, str]:
-    return {"COHOST_PROFILE": profile, "CHATBOT_API_KEY": TEST_KEY}
-
-
-def duration_s(text: str | int | float) -> float:
-    if isinstance(text, int | float):
-        return float(text)
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
-    assert "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
-    return sum(float(n) * units[u] for n, u in parts)
-
-
-def depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    deps = service.get("depends_on") or {}
-    assert isinstance(deps, dict), "depends_on in the long form, with a condition each"
-    return deps
-
-
-# ---------------------------------------------------------------- helpers: Dockerfiles
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, instruction: str) -> list[str]:
-        return [rest for ins, rest in self.instructions if ins == instruction]
-
-    def env(self) -> dict[str, str]:
-        values: dict[str, str] = {}
-        for rest in self.all("ENV"):
-            for token in shlex.split(rest):
-                key, _, value = token.partition("=")
-                values[key] = value
-        return values
-
-
-@dataclass
-class Dockerfile:
-    args: dict[str, str]
-    stages: list[Stage]
-
-    def stage(self, name: str) -> Stage:
-        return next(s for s in self.stages if s.name == name)
-
-
-def parse_dockerfile(path: Path) -> Dockerfile:
-    logical: list[str] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    assert not pending, f"{path}: dangling line continuation"
-    args: dict[str, str] = {}
-    stages: list[Stage] = []
-    for line in logical:
-        instruction, _, rest = line.partition(" ")
-        instruction, rest = instruction.upper(), rest.strip()
-        if instruction == "FROM":
-            words = rest.split()
-            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(interpolate(words[0], args), name))
-        elif not stages:
-            assert instruction == "ARG", f"{path}: {instruction} before the first FROM"
-            key, _, value = rest.partition("=")
-            args[key] = value
-        else:
-            stages[-1].instructions.append((instruction, rest))
-    return Dockerfile(args, stages)
-
-
-def run_words(rest: str) -> list[str]:
-    """A RUN's command, without its --mount/--network flags."""
-    words = shlex.split(rest)
-    while words and words[0].startswith("--"):
-        words.pop(0)
-    return words
-
-
-# ---------------------------------------------------------------- helpers: .dockerignore
-
-
-def ignore_rules() -> list[tuple[bool, re.Pattern[str], str]]:
-    rules = []
-    for raw in (ROOT / ".dockerignore").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        pattern = line.lstrip("!").strip("/")
-        regex = ""
-        i = 0
-        while i < len(pattern):
-            if pattern.startswith("**", i):
-                regex += ".*"
-                i += 2
-                if pattern.startswith("/", i):
-                    regex = regex[:-2] + "(?:.*/)?"
-                    i += 1
-            elif pattern[i] == "*":
-                regex += "[^/]*"
-                i += 1
-            elif pattern[i] == "?":
-                regex += "[^/]"
-                i += 1
-            elif pattern[i] == "[":
-                end = pattern.index("]", i)
-                regex += pattern[i : end + 1]
-                i = end + 1
-            else:
-                regex += re.escape(pattern[i])
-                i += 1
-        rules.append((negated, re.compile(regex + r"\Z"), pattern))
-    return rules
-
-
-def ignored(relative: str, rules: list[tuple[bool, re.Pattern[str], str]]) -> bool:
-    """Docker's rule: the last pattern matching the path or one of its parents decides."""
-    parts = relative.split("/")
-    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-    verdict = False
-    for negated, regex, _ in rules:
-        if any(regex.match(p) for p in prefixes):
-            verdict = not negated
-    return verdict
-
-
-def could_reinclude(directory: str, rules: list[tuple[bool, re.Pattern[str], str]]) -> bool:
-    parts = directory.split("/")
-    for negated, _, pattern in rules:
-        if not negated:
-            continue
-        segments = pattern.split("/")
-        for i, part in enumerate(parts):
-            if i >= len(segments) or segments[i] == "**":
-                return True
-            if not fnmatchcase(part, segments[i]):
-                break
-        else:
-            return True
-    return False
-
-
-def build_context() -> list[str]:
-    """The files `docker build .` would send (relative paths)."""
-    rules = ignore_rules()
-    files: list[str] = []
-    for top, dirs, names in os.walk(ROOT):
-        rel_top = Path(top).relative_to(ROOT).as_posix()
-        rel_top = "" if rel_top == "." else rel_top + "/"
-        dirs[:] = [
-            d
-            for d in dirs
-            if not (ignored(rel_top + d, rules) and not could_reinclude(rel_top + d, rules))
-        ]
-        files.extend(rel_top + n for n in names if not ignored(rel_top + n, rules))
-    return sorted(files)
 
 
 # ================================================================ schema and linters
@@ -332,24 +82,12 @@ def test_compose_file_matches_the_compose_specification(path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_dockerfile_lints_clean(path: Path) -> None:
-    result = subprocess.run(
-        [BIN / "hadolint", "--config", ROOT / ".hadolint.yaml", "--no-color", path],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert not result.stdout.strip()
-
-
 def test_interpolations_are_well_formed() -> None:
     """Every `$` in the compose files is `$$` or a complete ${...}: anything else would be
     read by compose as a variable (a `$` in a health-check command, say)."""
     for path in (COMPOSE, LOCAL):
         for text in strings(load(path)):
-            assert "$" not in _INTERPOLATION.sub("", text), f"{path.name}: stray $ in {text!r}"
+            assert "$" not in INTERPOLATION.sub("", text), f"{path.name}: stray $ in {text!r}"
 
 
 # ================================================================ the plan env files
@@ -774,245 +512,6 @@ def test_local_override_points_the_worker_at_the_emulator(
     # With the override but without the profile, compose must refuse, not run a worker
     # pointed at an emulator that is not there.
     assert depends_on(override[WORKER])["pubsub-init"]["required"] is True
-
-
-def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
-    engine = parse_dockerfile(ENGINE_DOCKERFILE)
-    assert engine.args["VLLM_IMAGE"] == VLLM_IMAGE
-    final = engine.stages[-1]
-    assert final.base == VLLM_IMAGE
-    assert json.loads(final.all("ENTRYPOINT")[-1]) == ["/opt/cohost/bin/cohost", "launch"]
-    assert {services[n]["command"][0] for n in ENGINES} == set(ENGINES.values())
-    for dockerfile in (engine, parse_dockerfile(WORKER_DOCKERFILE)):
-        for stage in dockerfile.stages:
-            assert re.search(r":[\w.-]*\d", stage.base), f"unpinned base {stage.base}"
-            assert not stage.base.endswith(":latest")
-    emulator = services["pubsub-emulator"]["image"]
-    assert re.search(r":\d+\.\d+\.\d+-emulators$", emulator), emulator
-
-
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_images_run_as_a_non_root_user(path: Path) -> None:
-    users = parse_dockerfile(path).stages[-1].all("USER")
-    assert users, f"{path}: no USER"
-    user = users[-1].split(":")[0]
-    assert user not in {"root", "0"}
-
-
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_builds_install_from_the_lock(path: Path) -> None:
-    syncs = [
-        run_words(rest)
-        for rest in parse_dockerfile(path).stage("build").all("RUN")
-        if "sync" in run_words(rest)
-    ]
-    assert syncs
-    for words in syncs:
-        assert {"--frozen", "--no-dev", "--package"} <= set(words), words
-
-
-@pytest.mark.parametrize("package", ["feedback-worker", "cohost"])
-def test_locked_python_environments_have_no_gpu_stack(package: str) -> None:
-    """The worker image (feedback-worker) and the launcher's venv in the engine image
-    (cohost) install exactly this export: no torch, no vLLM."""
-    names = locked_names(package)
-    assert "pydantic" in names
-    for name in names:
-        assert not name.startswith(GPU_STACK), f"{package} would install {name}"
-
-
-# Workspace members and the distributions they build.
-MEMBERS = {
-    "shared": "cohost-shared",
-    "ops": "cohost",
-    "services/feedback": "feedback-worker",
-    "services/chatbot": "chatbot",
-}
-
-
-def locked_names(package: str) -> set[str]:
-    """The distributions `uv export` locks for `package`: what its image installs."""
-    result = subprocess.run(
-        ["uv", "export", "--frozen", "--no-dev", "--package", package, "--no-hashes"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return {
-        canonical(re.split(r"[=<>; ]", line.strip(), maxsplit=1)[0])
-        for line in result.stdout.splitlines()
-        if line.strip() and not line.lstrip().startswith(("#", "-e", "."))
-    }
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def declared(pyproject: Path) -> set[str]:
-    data = tomllib.loads(pyproject.read_text())
-    return {
-        canonical(re.split(r"[=<>;\[ ]", d, maxsplit=1)[0]) for d in data["project"]["dependencies"]
-    }
-
-
-def imported_distributions(*sources: Path) -> dict[str, set[str]]:
-    """Third-party distributions whose files the modules imported in `sources` come from
-    (found by where each imported module lives), with the modules that need them."""
-    owner: dict[Path, str] = {}
-    for dist in importlib.metadata.distributions():
-        for file in dist.files or ():
-            if file.suffix == ".py":
-                owner[Path(str(dist.locate_file(file))).resolve()] = canonical(
-                    dist.metadata["Name"]
-                )
-    modules: set[str] = set()
-    for source in sources:
-        for path in source.rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    modules.update(alias.name for alias in node.names)
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    # `from google.cloud import pubsub_v1` imports a submodule of a namespace.
-                    modules.update(f"{node.module}.{alias.name}" for alias in node.names)
-    found: dict[str, set[str]] = {}
-    for module in sorted(modules):
-        if module.split(".")[0] in sys.stdlib_module_names or module == "__future__":
-            continue
-        spec = None
-        with contextlib.suppress(ModuleNotFoundError):
-            spec = importlib.util.find_spec(module)
-        if spec is None or spec.origin is None:  # an attribute, not a module: its parent
-            module = module.rpartition(".")[0]
-            spec = importlib.util.find_spec(module)
-        assert spec is not None, module
-        assert spec.origin is not None, module
-        origin = Path(spec.origin).resolve()
-        # The workspace's own packages are installed editable: their files are ours.
-        member = next((m for m in MEMBERS if origin.is_relative_to(ROOT / m / "src")), None)
-        dist = owner.get(origin) or (MEMBERS[member] if member else None)
-        assert dist is not None, f"{module} ({spec.origin}) belongs to no installed distribution"
-        found.setdefault(dist, set()).add(module)
-    return found
-
-
-def test_worker_image_installs_only_what_the_worker_imports() -> None:
-    """The worker's locked set is the closure of what its code (and the shared code it
-    runs) imports, each declared where it is imported: nothing pulled in by the operator
-    tools (NVML, dotenv), no second HTTP client."""
-    worker, shared = ROOT / "services" / "feedback", ROOT / "shared"
-    imported = imported_distributions(worker / "src", shared / "src")
-    ours = {"feedback-worker", "cohost-shared"}
-    assert (
-        set(imported) - ours
-        == (declared(worker / "pyproject.toml") | declared(shared / "pyproject.toml")) - ours
-    ), imported
-    locked = locked_names("feedback-worker")
-    assert "cohost" not in locked, "the operator tools are not the worker's"
-    for name in ("nvidia-ml-py", "httpx", "python-dotenv-cli", "psutil"):
-        assert name not in locked, name
-
-
-# ================================================================ build context and build steps
-
-
-def test_build_context_leaves_out_local_state() -> None:
-    rules = ignore_rules()
-    for path in (".git/HEAD", ".venv/bin/python", ".cache/x", ".gpu/x", ".whl/x.whl",
-                 ".env", "bench/results/x.json", "bench/gpu/results/x.jsonl",
-                 "deploy/l4.env", "tests/test_deploy.py",
-                 "ops/src/cohost/__pycache__/cli.cpython-311.pyc",
-                 "services/feedback/.venv/bin/python"):  # fmt: skip
-        assert ignored(path, rules), path
-
-
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_build_context_has_what_the_dockerfile_copies(path: Path) -> None:
-    rules = ignore_rules()
-    for stage in parse_dockerfile(path).stages:
-        for rest in stage.all("COPY"):
-            if rest.startswith("--from"):
-                continue
-            for source in shlex.split(rest)[:-1]:
-                assert (ROOT / source).exists(), source
-                assert not ignored(source, rules), f"{source} is in .dockerignore"
-
-
-@pytest.mark.parametrize(
-    ("path", "commands"),
-    [
-        (WORKER_DOCKERFILE, [["feedback-worker", "--help"], ["python", "-c", "import feedback"]]),
-        (ENGINE_DOCKERFILE, [["cohost", "launch", "--help"], ["python", "-c", "import cohost"]]),
-    ],
-    ids=["worker", "engine"],
-)
-def test_build_stage_replayed(path: Path, commands: list[list[str]], tmp_path: Path) -> None:
-    """The build stage's WORKDIR/COPY/ENV/RUN steps, replayed outside Docker: COPY from
-    the filtered build context, `uv sync` as written (into a scratch venv in place of the
-    image path). The result runs, and holds neither torch nor vLLM."""
-    uv = shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not on PATH")
-    context = tmp_path / "context"
-    for rel in build_context():
-        (context / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, context / rel)
-    stage = parse_dockerfile(path).stage("build")
-    image_root = tmp_path / "image"
-    workdir = image_root
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "VIRTUAL_ENV"))}
-    venv = Path()
-    for instruction, rest in stage.instructions:
-        if instruction == "WORKDIR":
-            workdir = image_root / rest.lstrip("/")
-            workdir.mkdir(parents=True, exist_ok=True)
-        elif instruction == "ENV":
-            for token in shlex.split(rest):
-                key, _, value = token.partition("=")
-                if key == "UV_PROJECT_ENVIRONMENT":
-                    venv = image_root / value.lstrip("/")
-                    value = str(venv)
-                env[key] = value
-        elif instruction == "COPY" and not rest.startswith("--from"):
-            *sources, dest = shlex.split(rest)
-            for source in sources:
-                target = workdir / dest
-                if dest.endswith("/"):
-                    target = target / Path(source).name
-                if (context / source).is_dir():
-                    shutil.copytree(context / source, target, dirs_exist_ok=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(context / source, target)
-        elif instruction == "RUN":
-            words = run_words(rest)
-            assert Path(words[0]).name == "uv", f"unexpected build step {words}"
-            if "--python" not in words:
-                words += ["--python", sys.executable]
-            result = subprocess.run(
-                [uv, *words[1:]], cwd=workdir, env=env, capture_output=True, text=True, check=False
-            )
-            assert result.returncode == 0, result.stderr
-    assert (venv / "bin").is_dir()
-    for command in commands:
-        result = subprocess.run(
-            [str(venv / "bin" / command[0]), *command[1:]],
-            cwd=tmp_path,
-            env={k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-    site = next(venv.glob("lib/python3*/site-packages"))
-    installed = {p.name.lower() for p in site.iterdir()}
-    assert not [n for n in installed if n.startswith(GPU_STACK)]
-    # Installed as wheels, not as links back into the source tree.
-    assert not list(site.glob("*.pth")) or all(
-        str(workdir) not in p.read_text() for p in site.glob("*.pth")
-    )
 
 
 # ================================================================ the real Compose CLI
