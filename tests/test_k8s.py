@@ -592,6 +592,17 @@ def test_api_key_comes_from_a_secret(rendered: list[dict[str, Any]]) -> None:
     assert "Secret" not in {d["kind"] for d in rendered}, "no secret is shipped"
 
 
+def test_every_engine_can_fetch_a_gated_model(rendered: list[dict[str, Any]]) -> None:
+    """As in compose, both engines read HF_TOKEN from the optional cohost-hf Secret."""
+    for deployment in units(rendered).values():
+        containers = pod_containers(deployment)
+        for service in ENGINE_SERVICES:
+            env = {e["name"]: e for e in containers[f"{service}-engine"]["env"]}
+            assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+                "name": "cohost-hf", "key": "token", "optional": True,
+            }, service  # fmt: skip
+
+
 def test_engines_start_in_order_and_share_the_gate(rendered: list[dict[str, Any]]) -> None:
     """The MPS daemon and every engine but the last are native sidecars with a startupProbe
     (Kubernetes starts the next container only once it passed); the engines share one gate

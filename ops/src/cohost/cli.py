@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cohost_shared import endpoints
 
+from cohost import gpus
 from cohost.plan import sharing
 from cohost.units import MIB
 
@@ -127,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = plan.add_mutually_exclusive_group()
     which.add_argument(
         "--gpu",
-        help="a known GPU: L4, RTX5090, A10G, A100-40GB, A100-80GB, H100-80GB, H200 "
-        "(default: detect through NVML)",
+        help=f"a known GPU: {', '.join(gpus.KNOWN)} (default: detect through NVML)",
     )
     which.add_argument("--gpu-memory-mib", type=int, help="total memory as nvidia-smi shows it")
     plan.add_argument(
