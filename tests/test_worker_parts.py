@@ -1,8 +1,10 @@
-"""The worker's pure parts: limiter, chat-first policy, prompts, error classification."""
+"""The worker's pure parts: limiter, chat-first policy, prompts, error classification, and
+the IAM grants `feedback-worker setup` asks for."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx2 as httpx
 import openai
@@ -12,6 +14,7 @@ from feedback.chatload import Policy, chat_load
 from feedback.engine import EngineUnavailable, classify
 from feedback.limiter import Limiter
 from feedback.prompts import build_messages
+from feedback.settings import WorkerSettings
 
 
 async def _hold(limiter: Limiter, started: list[int], release: asyncio.Event, n: int) -> None:
@@ -184,3 +187,38 @@ def test_malloc_arenas_are_capped_unless_the_operator_chose(
         assert limit_arenas(2) == 2
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # glibc read it at start; it wins
     assert limit_arenas(2) == 4
+
+
+def test_setup_grants_the_service_agent_once() -> None:
+    from feedback.pubsub import add_member, service_agent
+    from google.iam.v1 import policy_pb2
+
+    agent = service_agent(123456789012)
+    assert agent == "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceaccount.com"
+    policy = policy_pb2.Policy()
+    policy.bindings.add(role="roles/pubsub.viewer", members=["user:a@example.com"])
+    assert add_member(policy, "roles/pubsub.publisher", agent) is True
+    assert add_member(policy, "roles/pubsub.publisher", agent) is False  # idempotent
+    assert add_member(policy, "roles/pubsub.viewer", agent) is True
+    roles = {b.role: list(b.members) for b in policy.bindings}
+    assert roles == {
+        "roles/pubsub.viewer": ["user:a@example.com", agent],
+        "roles/pubsub.publisher": [agent],
+    }
+
+
+def test_setup_says_what_dead_lettering_needs_without_the_project_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from feedback.pubsub import grant_dead_letter_roles
+
+    for key in list(os.environ):
+        if key.startswith(("FEEDBACK_", "PUBSUB_", "GOOGLE_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "my-project")
+    # Without the number nothing is asked of Pub/Sub: the clients are not touched.
+    (hint,) = grant_dead_letter_roles(WorkerSettings(), None, None)  # type: ignore[arg-type]
+    assert "FEEDBACK_PROJECT_NUMBER" in hint
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:1")
+    monkeypatch.setenv("FEEDBACK_PROJECT_NUMBER", "123")
+    assert grant_dead_letter_roles(WorkerSettings(), None, None) == []  # type: ignore[arg-type]
