@@ -20,6 +20,7 @@ from pathlib import Path
 from cohost.cpu_engine.venv import (
     SCRIPTS,
     Log,
+    constraints_path,
     engine_env,
     engine_python,
     is_download_line,
@@ -146,7 +147,7 @@ def _install_engine(log: Log) -> None:
 
     # Pin the torch just installed so no dependency's resolution swaps it for a
     # CUDA build from PyPI, and no media package sneaks back in through one.
-    constraints = venv / "cohost-constraints.txt"
+    constraints = constraints_path()
     constraints.write_text(f"torch=={torch_version}\n")
     log(f"cpu engine: [4/5] installing {len(rest)} other requirements of {dist}")
     run_step(

@@ -15,8 +15,17 @@ import zipfile
 from pathlib import Path
 
 from cohost.cpu_engine.install import ensure_engine
-from cohost.cpu_engine.venv import SCRIPTS, Log, locked, log_path, pip, read_json, run_step
-from cohost.paths import cache_dir, engine_dir, models_dir
+from cohost.cpu_engine.venv import (
+    SCRIPTS,
+    Log,
+    constraints_path,
+    locked,
+    log_path,
+    pip,
+    read_json,
+    run_step,
+)
+from cohost.paths import cache_dir, models_dir
 
 MODELS = ("smollm2-135m-instruct", "tiny-llama")
 
@@ -120,9 +129,6 @@ _TINY_LLAMA = {
     "tie_word_embeddings": True,
 }
 
-# Runs inside the engine venv (torch, transformers, gguf). argv: kind, gguf path,
-# output dir, chat template, tiny-llama config as JSON.
-
 
 def _build_model(name: str, python: Path, gguf: Path, target: Path, log: Log) -> None:
     log_file = log_path(f"model-{name}")
@@ -131,7 +137,7 @@ def _build_model(name: str, python: Path, gguf: Path, target: Path, log: Log) ->
     started = time.monotonic()
     # transformers reads GGUF through `gguf` and `accelerate`, which vLLM does not
     # need for serving and so are added only here, with torch held where it is.
-    constraints = engine_dir() / "cohost-constraints.txt"
+    constraints = constraints_path()
     run_step(
         "installing gguf and accelerate",
         pip(

@@ -63,6 +63,11 @@ def locked(name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def constraints_path() -> Path:
+    """pip's constraints for every later install into the engine: the torch it was built with."""
+    return engine_dir() / "cohost-constraints.txt"
+
+
 def log_path(name: str) -> Path:
     path = cache_dir() / "logs" / f"{name}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +90,7 @@ def run_step(
     """
     started = time.monotonic()
     with log_file.open("a", encoding="utf-8") as out:
-        # Scripts passed with -c would swamp the log: their first line is enough.
+        # A long argument (a chat template) would swamp the log: its first line is enough.
         shown = [a if len(a) < 200 else a.strip().splitlines()[0] + " ..." for a in argv]
         out.write(f"\n=== {step}: {' '.join(shown)}\n")
         out.flush()

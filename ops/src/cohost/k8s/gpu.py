@@ -58,7 +58,6 @@ GKE_ACCELERATORS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class GpuRequest:
-    platform: Platform
     strategy: str  # the platform's word for its sharing mode (always time-slicing)
     clients_per_gpu: int  # N: shares the platform cuts one GPU into, one per GPU container
     shares: dict[str, int]  # container -> nvidia.com/gpu it requests
@@ -91,7 +90,7 @@ def gke(unit: Unit) -> GpuRequest:
         "cloud.google.com/gke-gpu-sharing-strategy": strategy,
         "cloud.google.com/gke-max-shared-clients-per-gpu": str(clients),
     }
-    return GpuRequest("gke", strategy, clients, shares, labels, machine_types)
+    return GpuRequest(strategy, clients, shares, labels, machine_types)
 
 
 def product_label(gpu_name: str, shared: bool) -> str:
@@ -110,7 +109,7 @@ def gpu_operator(unit: Unit) -> GpuRequest:
         "nvidia.com/gpu.replicas": str(clients),
         "nvidia.com/gpu.sharing-strategy": strategy,
     }
-    return GpuRequest("gpu-operator", strategy, clients, shares, labels)
+    return GpuRequest(strategy, clients, shares, labels)
 
 
 def request(unit: Unit, platform: Platform) -> GpuRequest:

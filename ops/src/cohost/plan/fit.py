@@ -150,6 +150,11 @@ class Plan:
         }
 
 
+def max_model_len(spec: ServiceSpec, shape: ModelShape) -> int:
+    """The spec's max_model_len, else the model's own limit up to DEFAULT_MAX_MODEL_LEN."""
+    return spec.max_model_len or min(shape.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+
+
 def _prepare(spec: ServiceSpec, mode: str, index: int) -> ServicePlan:
     shape = models.load(spec.model)
     weights = spec.weights or shape.weights
@@ -157,7 +162,7 @@ def _prepare(spec: ServiceSpec, mode: str, index: int) -> ServicePlan:
         raise PlanError(
             f"{spec.name}: weights={weights!r}; use one of {', '.join(models.WEIGHT_FORMATS)}"
         )
-    max_len = spec.max_model_len or min(shape.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    max_len = max_model_len(spec, shape)
     if max_len < 16:
         raise PlanError(f"{spec.name}: max_model_len {max_len} is too small")
     if max_len > shape.max_position_embeddings:

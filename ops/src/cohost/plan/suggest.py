@@ -9,8 +9,8 @@ from dataclasses import replace
 
 from cohost.gpus import Gpu
 from cohost.plan import models, sharing
-from cohost.plan.fit import Plan, Suggestion, fit
-from cohost.plan.spec import DEFAULT_MAX_MODEL_LEN, PlanError, ServiceSpec
+from cohost.plan.fit import Plan, Suggestion, fit, max_model_len
+from cohost.plan.spec import PlanError, ServiceSpec
 
 
 def make_plan(
@@ -72,7 +72,7 @@ def _single_changes(
                         spec.name, "4-bit weights (an AWQ/GPTQ checkpoint)", 0.25, tuple(cand)
                     )
                 )
-        max_len = spec.max_model_len or min(shape.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        max_len = max_model_len(spec, shape)
         steps = max_len // 256
         best = _largest(
             1, steps - 1, lambda n: _fits(gpu, with_(max_model_len=n * 256), headroom, mode)
