@@ -43,6 +43,7 @@ from cohost.processes import (
 )
 from cohost_shared import messages
 from cohost_shared.messages import FeedbackRequest
+from feedback.engine import sampling_args
 from feedback.prompts import build_messages
 from feedback.settings import DEFAULT_SYSTEM_PROMPT, WorkerSettings
 
@@ -63,8 +64,7 @@ async def direct(base_url: str, n: int, concurrency: int, max_tokens: int) -> fl
         async with gate:
             await client.chat.completions.create(
                 model="feedback", messages=messages,  # type: ignore[arg-type]
-                max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                extra_body={"repetition_penalty": sampling.repetition_penalty},
+                max_tokens=max_tokens, **sampling_args(sampling),
             )  # fmt: skip
 
     started = time.monotonic()

@@ -42,6 +42,16 @@ class Completion:
     completion_tokens: int
 
 
+def sampling_args(settings: WorkerSettings) -> dict[str, Any]:
+    """The sampling part of a chat completion request (repetition_penalty is vLLM's own
+    parameter, outside the OpenAI API)."""
+    return {
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "extra_body": {"repetition_penalty": settings.repetition_penalty},
+    }
+
+
 def classify(exc: Exception) -> Exception:
     """Map an openai/httpx failure to EngineUnavailable or InvalidRequest."""
     if isinstance(exc, openai.APIStatusError):
@@ -151,9 +161,7 @@ class EngineClient:
                 model=self._settings.llm_model,
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=max_tokens,
-                temperature=self._settings.temperature,
-                top_p=self._settings.top_p,
-                extra_body={"repetition_penalty": self._settings.repetition_penalty},
+                **sampling_args(self._settings),
             )
         except Exception as exc:
             raise classify(exc) from exc
