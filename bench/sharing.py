@@ -59,6 +59,9 @@ class Shape:
     prompt_kind: str = "words"  # "letters": one token per letter (bench/gpu/dummy.py)
 
 
+PROMPT_KINDS = ("letters", "words")
+
+
 def text_of(tokens: int, seed: int, kind: str) -> str:
     if kind == "letters":
         letters = "abcdefghijklmnopqrstuvwxyz"
@@ -330,7 +333,10 @@ def main() -> int:
     p.add_argument("--feedback-model", default="feedback")
     defaults = Shape()
     for name, value in asdict(defaults).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        choices = PROMPT_KINDS if name == "prompt_kind" else None
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=type(value), default=value, choices=choices
+        )
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--phases", default=",".join(PHASES))

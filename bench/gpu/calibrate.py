@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpuhost  # also puts the project's sources on sys.path
 from cohost import vllm_log
-from cohost.processes import Child
+from cohost.processes import Child, tail
 
 
 def main() -> int:
@@ -67,7 +67,7 @@ def main() -> int:
             row["nvidia_smi_mib"] = sum(p["used_mib"] for p in gpuhost.gpu_processes()) - baseline
             row["nvml"] = gpuhost.nvml_memory()
         else:
-            row["error_tail"] = gpuhost.tail(log, 40)
+            row["error_tail"] = tail(log, 40)
         server.stop()
         row["vllm"] = vllm_log.parse(log.read_text(errors="replace")).as_dict()
         with results.open("a") as f:

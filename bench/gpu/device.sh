@@ -2,7 +2,8 @@
 # One step of a GPU session through the device tool (a `run` call each), from the repo root:
 #
 #   bash bench/gpu/device.sh part N        # copy the carried bundle part .gpu/...part-0N aside
-#   bash bench/gpu/device.sh probe         # + MPS probe (torch only): $OUT/probe.json
+#   bash bench/gpu/device.sh probe         # unpack the bundle, install .whl, then the MPS
+#                                          # probe (torch and the project's launcher code)
 #   bash bench/gpu/device.sh start ARGS    # unpack the bundle, install .whl, start
 #                                          # sharing_run.py ARGS in the background, then wait
 #   bash bench/gpu/device.sh wait [S]      # wait up to S seconds (default 540) for progress
@@ -17,6 +18,16 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 export PATH="/usr/local/nvidia/bin:$PATH" VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
 export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 
+# vLLM from the bundle's parts, the project's wheels (.whl) beside it, once per machine.
+install() {
+  if [ ! -d /tmp/site/vllm ]; then
+    cat "$PARTS"/vllm-site.tar.xz.part-* | tar -xJ -C /tmp || return 1
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || return 1
+  python3 -c 'import vllm, structlog, tenacity, openai, httpx2; print("vllm", vllm.__version__)'
+}
+
 collect() {
   mkdir -p "$RUN"
   tar -C "$RUN" -czf "$OUT/run.tgz" --exclude='*.lock' --exclude='mps-pipe' . 2>/dev/null
@@ -30,16 +41,12 @@ case "${1:-}" in
     nvidia-smi -L 2>/dev/null; python3 -c 'import torch; print(torch.__version__, torch.cuda.is_available())'
     ;;
   probe)
+    install || exit 1
     python3 bench/gpu/mps_probe.py "$OUT/probe.json" 2>&1 | tail -n 60
     ;;
   start)
     shift
-    if [ ! -d /tmp/site/vllm ]; then
-      cat "$PARTS"/vllm-site.tar.xz.part-* | tar -xJ -C /tmp || exit 1
-    fi
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || exit 1
-    python3 -c 'import vllm, structlog, tenacity, openai, httpx2; print("vllm", vllm.__version__)' || exit 1
+    install || exit 1
     mkdir -p "$RUN"
     setsid nohup python3 bench/gpu/sharing_run.py "$RUN" "$@" > "$RUN/progress.log" 2>&1 < /dev/null &
     echo "started: sharing_run.py $RUN $*"

@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import gpuhost
 import sharing
 from cohost.plan.envfile import prefix
+from cohost.processes import tail
 from servers import SERVICES, Pair, Run, url
 
 
@@ -77,9 +77,7 @@ async def under_load(
 
 def feedback_kill(run: Run, pair: Pair) -> None:
     def fault() -> dict[str, Any]:
-        victim = pair.children["feedback"]
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.proc.wait()  # type: ignore[union-attr]
+        pair.children["feedback"].kill()
         healthy = pair.start(("feedback",))
         return {"killed": "feedback", "restarted_healthy_s": healthy["feedback"]}
 
@@ -98,19 +96,19 @@ def mps_kill(run: Run, pair: Pair, daemon: Any) -> None:
             os.kill(pid, signal.SIGKILL)
         if run.cpu:
             for child in pair.children.values():
-                os.killpg(child.pid, signal.SIGKILL)
+                child.kill()
         exited: dict[str, Any] = {}
         deadline = time.monotonic() + 90
-        while len(exited) < 2 and time.monotonic() < deadline:
+        while len(exited) < len(SERVICES) and time.monotonic() < deadline:
             for name, child in pair.children.items():
                 if name not in exited and child.proc is not None and child.proc.poll() is not None:
                     exited[name] = {"code": child.proc.returncode,
                                     "after_s": round(90 - (deadline - time.monotonic()), 1),
-                                    "tail": gpuhost.tail(child.log_path, 12)}  # fmt: skip
+                                    "tail": tail(child.log_path, 12)}  # fmt: skip
             time.sleep(0.5)
         hung = [n for n in SERVICES if n not in exited]
         for name in hung:  # what a health check would do next: replace it
-            os.killpg(pair.children[name].pid, signal.SIGKILL)
+            pair.children[name].kill()
         healthy = pair.start(SERVICES)
         return {
             "killed_mps_servers": servers,
@@ -144,6 +142,6 @@ def over_cap(run: Run, pair: Pair) -> None:
     child = pair.children["feedback"]
     run.record({"step": "over-cap", "profile": pair.profile, "cap_bytes": int(capped),
                 "healthy_s": healthy, "exit": child.proc.returncode if child.proc else None,
-                "tail": gpuhost.tail(child.log_path, 40)})  # fmt: skip
+                "tail": tail(child.log_path, 40)})  # fmt: skip
     pair.stop(("feedback",))
     pair.start(("feedback",))

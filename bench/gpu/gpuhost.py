@@ -23,7 +23,8 @@ for sub in ("", "ops/src", "shared/src", "services/feedback/src"):
         sys.path.insert(0, str(ROOT / sub))
 
 import dummy  # noqa: E402
-from cohost.processes import Child, ChildFailed, http_ok  # noqa: E402
+from cohost.launch.mps import NO_MPS_PIPE  # noqa: E402
+from cohost.processes import Child, ChildFailed, http_ok, tail  # noqa: E402
 
 VLLM_MAIN = (
     "import sys; from vllm.entrypoints.cli.main import main; sys.argv=['vllm']+sys.argv[1:]; main()"
@@ -116,10 +117,6 @@ def wait_gpu_idle(baseline_mib: int, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
-def tail(path: Path, n: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
 # A process that holds the memory a bigger card has beyond the emulated one. It is never
 # an MPS client (no kernels, only an allocation), so it does not take part in the sharing.
 _BALLAST = """
@@ -136,7 +133,7 @@ while True:
 
 def ballast(free_bytes: int, log: Path) -> Child:
     """Leave `free_bytes` of the card free (the planned card's CUDA total, on a bigger one)."""
-    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": "/nonexistent/no-mps"}
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
     child = Child(
         "ballast", [sys.executable, "-c", _BALLAST, str(free_bytes)], log_path=log, env=env
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpuhost
-from cohost.launch.mps import daemon_problem
+from cohost.launch.mps import NO_MPS_PIPE, daemon_problem
 
 CLIENT = """
 import json, sys, torch
@@ -56,7 +56,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mps-probe-"))
     daemon = gpuhost.MpsDaemon(work / "pipe", work / "log")
     report: dict[str, object] = {"nvml_before": gpuhost.nvml_memory()}
-    no_mps = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": "/nonexistent/no-mps"}
+    no_mps = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
     report["without_mps"] = client(no_mps)
     daemon.start()
     try:

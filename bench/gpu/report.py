@@ -93,7 +93,6 @@ def trials() -> None:
         )
 
 
-PHASE_NAMES = ("chat_alone", "feedback_alone", "raw_sharing", "chat_first", "chat_first_idle")
 RUN = RESULTS / "sharing-2026-11-29"
 
 
@@ -184,17 +183,12 @@ def sharing() -> None:
         for n in ("chatbot", "feedback"):
             p = envfile.prefix(n)
             cap = plan.get(p + "MPS_PINNED_MEMORY_BYTES")
+            cap_cell = f"{int(cap) / MIB:,.0f} " if cap else "- "
             print(
                 f"| {r['profile']}, {r['sharing']} | {n} "
                 f"| {int(plan[p + 'EXPECTED_PROCESS_BYTES']) / MIB:,.0f} "
-                f"| {r['nvidia_smi_mib'][n]:,} | {int(cap) / MIB:,.0f} "
-                if cap
-                else f"| {r['profile']}, {r['sharing']} | {n} "
-                f"| {int(plan[p + 'EXPECTED_PROCESS_BYTES']) / MIB:,.0f} "
-                f"| {r['nvidia_smi_mib'][n]:,} | - ",
-                end="",
+                f"| {r['nvidia_smi_mib'][n]:,} | {cap_cell}| {r['healthy_s'][n]:.0f} |"
             )
-            print(f"| {r['healthy_s'][n]:.0f} |")
 
 
 if __name__ == "__main__":

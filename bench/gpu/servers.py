@@ -13,25 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dummy
 import gpuhost
 import sharing
 from cohost import cli, vllm_log
 from cohost.plan import envfile
 from cohost.plan.envfile import prefix
 from cohost.processes import Child, http_ok
+from cohost_shared import endpoints
 
 from harness.mps import FakeMpsDaemon
 
 ROOT = gpuhost.ROOT
 SERVICES = ("chatbot", "feedback")
-PORTS = {"chatbot": 8001, "feedback": 8002}
+PORTS = {"chatbot": endpoints.CHATBOT_PORT, "feedback": endpoints.FEEDBACK_ENGINE_PORT}
 
 
 def url(name: str) -> str:
     return f"http://127.0.0.1:{PORTS[name]}/v1"
 
 
-@dataclass
 @dataclass
 class Run:
     out: Path
@@ -206,16 +207,10 @@ def engine_env(run: Run, plan: dict[str, str], models: Path) -> dict[str, str]:
             config = (
                 ROOT / "deploy" / "models" / plan[p + "MODEL"].replace("/", "--") / "config.json"
             )
-            env[p + "MODEL"] = str(dummy_model(config, models / name))
+            env[p + "MODEL"] = str(dummy.make(config, models / name))
             env[p + "EXTRA_ARGS"] = "--load-format dummy"
             env[p + "COMMAND"] = gpuhost.VLLM_COMMAND
     return env
-
-
-def dummy_model(config: Path, out: Path) -> Path:
-    import dummy
-
-    return dummy.make(config, out)
 
 
 class FakeDaemon:

@@ -38,6 +38,7 @@ import gpuhost
 import sharing
 from cohost import gpus
 from cohost.plan import envfile
+from cohost.processes import tail
 from cohost_shared import logs
 from faults import feedback_kill, mps_kill, over_cap, phases, variant
 from servers import (
@@ -67,7 +68,7 @@ def profile_run(run: Run, name: str, steps: list[str], models: Path) -> None:
     if not run.cpu:
         card = int(plan["COHOST_GPU_TOTAL_BYTES"]) - gpus.DEFAULT_RESERVED
         ballast = gpuhost.ballast(card, run.logs / f"{name}-ballast.log")
-        run.note(f"{name}: ballast: {gpuhost.tail(ballast.log_path, 1)}")
+        run.note(f"{name}: ballast: {tail(ballast.log_path, 1)}")
     daemon: gpuhost.MpsDaemon | None = None
     try:
         for sharing_mode in ("time-slicing", "mps"):

@@ -1,7 +1,7 @@
 """Reliability suite: the real stack under faults, malformed input and hostile input.
 
     uv run python -m bench.reliability --short   # the CI version (tests/test_reliability.py), ~4 min
-    uv run python -m bench.reliability --full    # 10,000 + 2 x 10,000 messages, ~12 min on 2 cores
+    uv run python -m bench.reliability --full    # 10,000 + 2 x 11,000 messages, ~12 min on 2 cores
 
 Prints the Markdown report (and writes it with --out); exit code 1 if an invariant failed.
 """

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_REQUEST_BYTES = 1_048_576  # the worker's default FEEDBACK_MAX_REQUEST_BYTES
-MAX_CHARS_PER_TOKEN = 128  # the worker's default FEEDBACK_MAX_CHARS_PER_TOKEN
+from feedback.settings import WorkerSettings
+
+# The worker's default FEEDBACK_MAX_REQUEST_BYTES: the suite runs workers with defaults.
+MAX_REQUEST_BYTES: int = WorkerSettings.model_fields["max_request_bytes"].default
 
 
 @dataclass(frozen=True)

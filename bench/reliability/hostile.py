@@ -16,7 +16,6 @@ import httpx2
 import psutil
 from cohost.status.checks import fetch_metrics
 from cohost_shared.messages import MAX_TOKENS_LIMIT, FeedbackRequest, FeedbackResult, Reason
-from cohost_shared.metrics import Metrics
 from feedback.prompts import build_messages
 from feedback.settings import DEFAULT_SYSTEM_PROMPT
 
@@ -152,7 +151,7 @@ class EngineCounters:
             tokenize_bytes=m.value("http_request_size_bytes_sum", handler="/tokenize") or 0.0,
             prompt_tokens=m.value("vllm:prompt_tokens_total") or 0.0,
             generation_tokens=m.value("vllm:generation_tokens_total") or 0.0,
-            prompt_buckets=_buckets(m, "vllm:request_prompt_tokens_bucket"),
+            prompt_buckets=m.by_label("vllm:request_prompt_tokens_bucket", "le"),
         )
 
     def minus(self, before: EngineCounters) -> dict[str, float]:
@@ -165,10 +164,6 @@ class EngineCounters:
             "prompt_tokens": self.prompt_tokens - before.prompt_tokens,
             "generation_tokens": self.generation_tokens - before.generation_tokens,
         }  # fmt: skip
-
-
-def _buckets(m: Metrics, name: str) -> dict[str, float]:
-    return {s.labels["le"]: s.value for s in m.samples if s.name == name and "le" in s.labels}
 
 
 @dataclass
