@@ -31,6 +31,7 @@ from bench.reliability.config import (
     MAX_REQUEST_BYTES,
     SHORT,
     WORKER_KILL,
+    WORKER_TERM,
     fault_plan,
 )
 from bench.reliability.payloads import Payload, malformed_payload
@@ -180,6 +181,7 @@ def test_fault_plan_spreads_each_kind_over_the_run() -> None:
     plan = fault_plan(FULL)
     kinds = [kind for _, kind in plan]
     assert kinds.count(WORKER_KILL) == 5
+    assert kinds.count(WORKER_TERM) == 5
     assert kinds.count(ENGINE_RESTART) == 2
     assert kinds.count(EMULATOR_RESTART) == 1
     points = [at for at, _ in plan]
@@ -227,12 +229,13 @@ def test_short_run_holds_every_invariant(engine: CpuServer, logs: Path) -> None:
     assert not load.dead_letters, text
     kinds = [f.kind for f in load.faults]
     assert kinds.count(WORKER_KILL) == SHORT.worker_kills
+    assert kinds.count(WORKER_TERM) == SHORT.worker_terms
     assert kinds.count(ENGINE_RESTART) == SHORT.engine_restarts
     assert kinds.count(EMULATOR_RESTART) == SHORT.emulator_restarts
     assert load.republished, "the emulator restart must have cost some requests"
 
     # Restarts: the planned kills, and at most one exit for the vanished subscription.
-    assert len(report.incarnations) >= SHORT.worker_kills + 1
+    assert len(report.incarnations) >= SHORT.worker_kills + SHORT.worker_terms + 1
     assert sum(1 for i in report.incarnations if i["unplanned_exit"]) <= SHORT.emulator_restarts
     assert not report.crash_loop
     assert report.final_exit == 0

@@ -9,7 +9,7 @@ supervisor that restarts them like a container runtime would. Three phases:
 
 1. load: N valid requests published at a steady pace (at most `window` unanswered),
    while faults are injected at fixed points of progress: the worker SIGKILLed
-   (and restarted), the engine SIGKILLed and restarted on the same port, the
+   or SIGTERMed with requests in flight (and restarted), the engine SIGKILLed and restarted on the same port, the
    emulator SIGKILLed and restarted (it keeps state in memory only: the suite runs
    `feedback-worker setup` and re-publishes every request without a result, as a
    producer would). Every request id must get a result; duplicates are counted
@@ -43,7 +43,15 @@ The parts it drives are the tests' own, from `harness` (`harness.engine.CpuServe
 
 from __future__ import annotations
 
-from .config import EMULATOR_RESTART, ENGINE_RESTART, FULL, SHORT, WORKER_KILL, Config
+from .config import (
+    EMULATOR_RESTART,
+    ENGINE_RESTART,
+    FULL,
+    SHORT,
+    WORKER_KILL,
+    WORKER_TERM,
+    Config,
+)
 from .report import Report
 from .suite import run_suite
 
@@ -53,6 +61,7 @@ __all__ = [
     "FULL",
     "SHORT",
     "WORKER_KILL",
+    "WORKER_TERM",
     "Config",
     "Report",
     "run_suite",

@@ -16,7 +16,7 @@ from cohost.processes import tail
 from cohost.status.checks import fetch_metrics
 from cohost_shared.messages import FeedbackResult
 
-from .config import ENGINE_RESTART, WORKER_KILL, Config, fault_plan
+from .config import ENGINE_RESTART, WORKER_KILL, WORKER_TERM, Config, fault_plan
 from .stack import Stack, SuiteError
 from .supervisor import Supervisor, read_log
 from .traffic import Producer, Tolerant
@@ -123,11 +123,12 @@ def run_load(
             incarnation_before = supervisor.current.number
             say(f"  fault at {len(answered):,} answered ({busy} in flight): {kind}")
             t0 = time.time()
-            if kind == WORKER_KILL:
-                victim = supervisor.kill()
-                supervisor.wait_ready()
+            if kind in (WORKER_KILL, WORKER_TERM):
+                victim = supervisor.kill() if kind == WORKER_KILL else supervisor.terminate()
+                supervisor.wait_ready(after=victim.number)
                 detail = (
-                    f"worker {victim.number} (pid {victim.pid}) SIGKILLed after about "
+                    f"worker {victim.number} (pid {victim.pid}) "
+                    f"{kind.removeprefix('worker ')}ed after about "
                     f"{victim.received():,.0f} messages; worker {supervisor.current.number} "
                     f"pulling {time.time() - t0:.1f} s later"
                 )
@@ -155,7 +156,7 @@ def run_load(
                 )
             detail = f"{busy} requests in flight in the worker; " + detail
             retried = _log_events(supervisor, "engine_retry") - retries_before
-            if kind != WORKER_KILL:
+            if kind not in (WORKER_KILL, WORKER_TERM):
                 before = supervisor.incarnations[incarnation_before - 1]
                 detail += f"; {retried} engine calls retried meanwhile; the worker " + (
                     "kept running" if before.ended is None else f"was restarted ({before.cause})"

@@ -21,7 +21,7 @@ from cohost.status.checks import fetch_metrics
 from cohost.units import MIB
 
 from .bad_input import BadInputOutcome
-from .config import EMULATOR_RESTART, ENGINE_RESTART, WORKER_KILL, Config
+from .config import EMULATOR_RESTART, ENGINE_RESTART, WORKER_KILL, WORKER_TERM, Config
 from .hostile import HostileOutcome
 from .load import LoadOutcome
 from .markdown import render_markdown
@@ -65,7 +65,8 @@ class Report:
             if lo.duplicates.get("unexplained"):
                 f.append(f"load: {lo.duplicates['unexplained']} unexplained duplicate results")
             kinds = Counter(e.kind for e in lo.faults)
-            want = {WORKER_KILL: self.cfg.worker_kills, ENGINE_RESTART: self.cfg.engine_restarts,
+            want = {WORKER_KILL: self.cfg.worker_kills, WORKER_TERM: self.cfg.worker_terms,
+                    ENGINE_RESTART: self.cfg.engine_restarts,
                     EMULATOR_RESTART: self.cfg.emulator_restarts}  # fmt: skip
             for kind, count in want.items():
                 if kinds[kind] != count:

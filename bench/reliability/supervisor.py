@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class Supervisor:
             FEEDBACK_DEFAULT_MAX_TOKENS=str(self.stack.cfg.max_tokens),
             FEEDBACK_METRICS_PORT=str(self.metrics_port),
             FEEDBACK_ACK_DEADLINE_S=str(self.stack.cfg.ack_deadline_s),
+            FEEDBACK_SHUTDOWN_GRACE_S=str(self.stack.cfg.shutdown_grace_s),
         )
 
     @property
@@ -89,11 +91,12 @@ class Supervisor:
         self._thread.start()
         self.wait_ready(timeout)
 
-    def wait_ready(self, timeout: float = 180) -> Incarnation:
+    def wait_ready(self, timeout: float = 180, after: int = 0) -> Incarnation:
+        """The first pulling worker numbered above `after` (a stopped one's number)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             inc = self.current
-            if inc.ready is not None and inc.child.alive():
+            if inc.number > after and inc.ready is not None and inc.child.alive():
                 return inc
             time.sleep(0.2)
         raise SuiteError(
@@ -105,6 +108,13 @@ class Supervisor:
         inc = self.current
         inc.planned = "SIGKILL (fault injection)"
         inc.child.kill()
+        return inc
+
+    def terminate(self) -> Incarnation:
+        """SIGTERM the worker (a deploy or scale-in); the loop restarts it once it exits."""
+        inc = self.current
+        inc.planned = "SIGTERM (fault injection)"
+        inc.child.send_signal(signal.SIGTERM)
         return inc
 
     def stop(self) -> Incarnation:

@@ -82,8 +82,13 @@ class InProcessSource:
         if self._loop is not None:
             self._loop.call_soon(self._pump)
 
-    async def close(self) -> None:
+    def drain(self) -> None:
         self._closed = True
+
+    async def close(self) -> int:
+        """Nothing to return: a nack here requeues at once, and no stream can bounce it."""
+        self._closed = True
+        return 0
 
 
 class InProcessSink:

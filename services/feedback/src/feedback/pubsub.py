@@ -9,6 +9,7 @@ leases until they are acked or nacked.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from datetime import timedelta
@@ -27,6 +28,9 @@ from feedback.jobs import Delivery
 from feedback.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
+
+# Ack ids per ModifyAckDeadline request: well under the API's 2,500.
+NACK_BATCH = 1000
 
 
 def subscriber_client(settings: WorkerSettings) -> pubsub_v1.SubscriberClient:
@@ -48,7 +52,47 @@ def subscriber_client(settings: WorkerSettings) -> pubsub_v1.SubscriberClient:
     return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
 
 
+class Lease:
+    """A message handed to the worker. Its ack goes out at once; its nack too, unless the
+    source is draining: then the message stays leased and `PubSubSource.close` returns it
+    once the stream is closed."""
+
+    __slots__ = ("_message", "_source")
+
+    def __init__(self, message: Any, source: PubSubSource) -> None:
+        self._message = message
+        self._source = source
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self._message.data)
+
+    @property
+    def message_id(self) -> str:
+        return str(self._message.message_id)
+
+    @property
+    def delivery_attempt(self) -> int | None:
+        attempt: int | None = self._message.delivery_attempt
+        return attempt
+
+    def ack(self) -> None:
+        self._source._settle(self._message, ack=True)
+
+    def nack(self) -> None:
+        self._source._settle(self._message, ack=False)
+
+
 class PubSubSource:
+    """Streaming pull, and the return of every unsettled message at shutdown.
+
+    A message nacked while our stream is still open can be sent straight back to that
+    stream, which is closing: it then waits out its ack deadline, and on the emulator,
+    under the subscription's retry policy, it is lost for good (docs/reliability.md).
+    So while draining, nacks are held; `close` stops the stream first, then nacks what
+    the worker did not settle through the unary API and waits for the answer.
+    """
+
     def __init__(self, settings: WorkerSettings) -> None:
         self._settings = settings
         self._subscriber = subscriber_client(settings)
@@ -56,6 +100,9 @@ class PubSubSource:
             settings.project_id(), settings.requests_subscription
         )
         self._future: Future[Any] | None = None
+        self._lock = threading.Lock()
+        self._unsettled: dict[str, Any] = {}  # ack_id -> message handed over, not settled
+        self._draining = False
 
     def start(
         self,
@@ -75,9 +122,16 @@ class PubSubSource:
         )
 
         def callback(message: Any) -> None:
-            loop.call_soon_threadsafe(on_message, message)
+            with self._lock:
+                self._unsettled[message.ack_id] = message
+                if self._draining:
+                    return  # not started: `close` returns it
+            loop.call_soon_threadsafe(on_message, Lease(message, self))
 
-        future = self._subscriber.subscribe(self._path, callback=callback, flow_control=flow)
+        # Await callbacks on shutdown: once the future's result is in, no callback runs.
+        future = self._subscriber.subscribe(
+            self._path, callback=callback, flow_control=flow, await_callbacks_on_shutdown=True
+        )
 
         def done(f: Any) -> None:
             exc = f.exception() if not f.cancelled() else None
@@ -90,11 +144,32 @@ class PubSubSource:
             WORKER_READY_EVENT, subscription=self._path, max_in_flight=self._settings.max_in_flight
         )
 
-    async def close(self) -> None:
-        """Stop the stream; acks and nacks already issued are flushed first."""
+    def _settle(self, message: Any, *, ack: bool) -> None:
+        with self._lock:
+            if message.ack_id not in self._unsettled:
+                return  # already returned by `close`
+            if not ack and self._draining:
+                return  # returned by `close`, after the stream
+            del self._unsettled[message.ack_id]
+        if ack:
+            message.ack()
+        else:
+            message.nack()
+
+    def drain(self) -> None:
+        """Take no new work: hold back new messages and nacks until `close`."""
+        with self._lock:
+            self._draining = True
+
+    async def close(self) -> int:
+        """Stop the stream, then return (nack) every message not acked: returns how many.
+
+        The client library nacks the messages it held back (flow control) itself, after
+        its stream is closed; acks already issued are flushed first."""
+        self.drain()
         future = self._future
         if future is None:
-            return
+            return 0
         future.cancel()
 
         def wait() -> None:
@@ -104,7 +179,27 @@ class PubSubSource:
                 log.debug("stream_closed_with_error", error=str(exc))
 
         await asyncio.to_thread(wait)
+        with self._lock:
+            ack_ids = list(self._unsettled)
+            self._unsettled.clear()
+        if ack_ids:
+            await asyncio.to_thread(self._nack, ack_ids)
         self._subscriber.close()
+        return len(ack_ids)
+
+    def _nack(self, ack_ids: list[str]) -> None:
+        # The stream's own nack path stopped with it; ack ids stay valid for the unary API.
+        for i in range(0, len(ack_ids), NACK_BATCH):
+            batch = ack_ids[i : i + NACK_BATCH]
+            try:
+                self._subscriber.modify_ack_deadline(
+                    subscription=self._path, ack_ids=batch, ack_deadline_seconds=0, timeout=30
+                )
+            except gexc.GoogleAPICallError as exc:
+                # Not lost: Pub/Sub redelivers them when their ack deadline passes.
+                log.error("return_failed", messages=len(batch), error=str(exc))
+            else:
+                log.info("returned", messages=len(batch))
 
 
 class PubSubSink:

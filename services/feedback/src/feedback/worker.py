@@ -1,8 +1,8 @@
 """The worker's run loop: pull, process concurrently, shut down without losing work.
 
 On SIGTERM or SIGINT it stops taking new work, gives requests in flight
-FEEDBACK_SHUTDOWN_GRACE_S to finish, nacks what is left (Pub/Sub redelivers it to
-the next worker) and exits 0.
+FEEDBACK_SHUTDOWN_GRACE_S to finish, closes its stream and only then returns (nacks)
+what is left, so Pub/Sub redelivers it to the next worker at once, and exits 0.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ class Source(Protocol):
         on_failure: Callable[[BaseException], None],
         loop: asyncio.AbstractEventLoop,
     ) -> None: ...
-    async def close(self) -> None: ...
+    def drain(self) -> None:
+        """Stop handing out messages; nacks from now on wait for `close`."""
+
+    async def close(self) -> int:
+        """Stop receiving, then return every message not acked; how many it returned."""
 
 
 class SourceFailed(RuntimeError):
@@ -53,7 +57,6 @@ class Worker:
         self.limiter = Limiter(settings.max_in_flight)
         self.processor = Processor(settings, self.engine, sink, self.limiter)
         self._tasks: set[asyncio.Task[Outcome]] = set()
-        self._parked: list[Delivery] = []
         self._stop = asyncio.Event()
         self._stopping = False
         self._failure: BaseException | None = None
@@ -65,9 +68,8 @@ class Worker:
 
     def _accept(self, delivery: Delivery) -> None:
         if self._stopping:
-            # Keep it leased (flow control then stops further deliveries) and nack it
-            # at the end, rather than nack now and have it bounce straight back to us.
-            self._parked.append(delivery)
+            # Handed over just before the drain began: the source returns it at close.
+            delivery.nack()
             return
         task = asyncio.create_task(self.processor.handle(delivery))
         self._tasks.add(task)
@@ -104,18 +106,17 @@ class Worker:
 
     async def _drain(self) -> None:
         self._stopping = True
+        self.source.drain()
         grace = self.settings.shutdown_grace_s
         pending: set[asyncio.Task[Outcome]] = set(self._tasks)
         if pending:
             log.info("draining", in_flight=len(pending), grace_s=grace)
             _, pending = await asyncio.wait(pending, timeout=grace)
         for task in pending:
-            task.cancel()  # the job nacks its message
+            task.cancel()  # the job nacks its message: held until the stream is closed
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        for delivery in self._parked:
-            delivery.nack()
-        await self.source.close()
+        returned = await self.source.close()
         await self.sink.close()
         await self.engine.close()
-        log.info("shutdown_complete", cancelled=len(pending), returned_unstarted=len(self._parked))
+        log.info("shutdown_complete", cancelled=len(pending), returned=returned)
