@@ -1,13 +1,16 @@
 """What the Pub/Sub emulator does with messages nacked around a stream's close.
 
-    uv run python bench/emulator_nack.py [--wait 40]
+    uv run python bench/emulator_nack.py [--wait 40] [--trace]
 
 No worker and no engine: one streaming-pull subscriber takes 16 of 40 messages (flow
 control, like the worker), returns them and closes its stream, in one of two orders;
 then a second client pulls synchronously for `--wait` seconds (four ack deadlines) and
 counts what comes back. Each order runs on a subscription with and without the worker's
 retry policy (minimum backoff 10 s). Prints one line per case; docs/reliability.md
-explains the result.
+explains the result. With --trace, also what crossed the first subscriber's wire for each
+of the 16 in the first case: every StreamingPull response that carried it (and its
+delivery attempt), every ModifyAckDeadline request that named it and whether the
+emulator answered OK, and when the second client got it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,60 @@ def running_emulator() -> Iterator[str]:
         child.stop()
 
 
-def case(project: str, order: str, retry_policy: bool, wait_s: float) -> str:
+class Wire:
+    """The first subscriber's side of the wire, read where the client library sends its
+    unary ModifyAckDeadline requests and where it takes in StreamingPull responses."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.events: list[tuple[float, str, str]] = []  # (seconds, ack id or data, what)
+        self.data_of: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def note(self, key: str, what: str) -> None:
+        with self._lock:
+            self.events.append((time.monotonic() - self.t0, key, what))
+
+    def attach(self, stream_client: Any) -> None:
+        from google.cloud.pubsub_v1.subscriber._protocol import streaming_pull_manager as spm
+
+        original_on_response = spm.StreamingPullManager._on_response
+        wire = self
+
+        def on_response(manager: Any, response: Any) -> None:
+            if response is not None:
+                for m in response._pb.received_messages:
+                    data = m.message.data.decode()
+                    wire.data_of[m.ack_id] = data
+                    wire.note(data, f"StreamingPull response, attempt {m.delivery_attempt}")
+            original_on_response(manager, response)
+
+        spm.StreamingPullManager._on_response = on_response  # type: ignore[method-assign,assignment]
+        original_modack = stream_client.modify_ack_deadline
+
+        def modify_ack_deadline(*args: Any, **kwargs: Any) -> Any:
+            ack_ids, seconds = kwargs["ack_ids"], kwargs["ack_deadline_seconds"]
+            try:
+                result = original_modack(*args, **kwargs)
+            except Exception as exc:
+                for ack_id in ack_ids:
+                    wire.note(
+                        wire.data_of.get(ack_id, ack_id), f"ModifyAckDeadline {seconds} s: {exc}"
+                    )
+                raise
+            for ack_id in ack_ids:
+                wire.note(wire.data_of.get(ack_id, ack_id), f"ModifyAckDeadline {seconds} s: OK")
+            return result
+
+        stream_client.modify_ack_deadline = modify_ack_deadline
+
+    def timeline(self, data: str) -> str:
+        return "; ".join(f"{t:.1f} s {what}" for t, key, what in self.events if key == data)
+
+
+def case(
+    project: str, order: str, retry_policy: bool, wait_s: float, wire: Wire | None = None
+) -> str:
     from google.cloud import pubsub_v1
     from google.pubsub_v1 import types
 
@@ -76,6 +132,8 @@ def case(project: str, order: str, retry_policy: bool, wait_s: float) -> str:
         max_duration_per_lease_extension=ACK_DEADLINE_S,
     )
     stream_client = pubsub_v1.SubscriberClient()
+    if wire is not None:
+        wire.attach(stream_client)
     future = stream_client.subscribe(
         path, callback=callback, flow_control=flow, await_callbacks_on_shutdown=True
     )
@@ -90,6 +148,8 @@ def case(project: str, order: str, retry_policy: bool, wait_s: float) -> str:
         time.sleep(1)
     future.cancel()
     future.result(timeout=30)
+    if wire is not None:
+        wire.note("close", "stream closed")
     # Whatever else the stream handed over goes back the same way in both orders, after
     # the close, so the two differ only in when the first 16 were nacked.
     with lock:
@@ -111,11 +171,23 @@ def case(project: str, order: str, retry_policy: bool, wait_s: float) -> str:
             )
         for m in response.received_messages:
             back.setdefault(m.message.data.decode(), time.monotonic() - closed)
+            if wire is not None:
+                wire.note(m.message.data.decode(), f"second client, attempt {m.delivery_attempt}")
     returned = [back[m.data.decode()] for m in first if m.data.decode() in back]
     client.close()
     publisher.stop()
     policy = "retry policy" if retry_policy else "no retry policy"
     slowest = f"{max(returned):.1f} s" if returned else "-"
+    if wire is not None:
+        print(
+            f"wire, first subscriber ({order}, {policy}); stream closed at "
+            f"{wire.timeline('close').split(' s ')[0]} s:",
+            flush=True,
+        )
+        for m in first:
+            data = m.data.decode()
+            mark = "back" if data in back else "NEVER BACK"
+            print(f"  {data:4s} {mark:10s} {wire.timeline(data)}", flush=True)
     return (
         f"| {order} | {policy} | {len(returned)}/{HELD} | {HELD - len(returned)} | {slowest} "
         f"| {len(back)}/{MESSAGES} |"
@@ -125,6 +197,7 @@ def case(project: str, order: str, retry_policy: bool, wait_s: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--wait", type=float, default=4.0 * ACK_DEADLINE_S)
+    p.add_argument("--trace", action="store_true", help="the first case's wire, per message")
     args = p.parse_args()
     print(
         "| order | subscription | nacked messages back | never back | slowest back "
@@ -137,7 +210,8 @@ def main() -> None:
         for order in ("nack, then close", "close, then nack"):
             for retry_policy in (True, False):
                 n += 1
-                print(case(f"probe-{n}", order, retry_policy, args.wait), flush=True)
+                wire = Wire() if args.trace and n == 1 else None
+                print(case(f"probe-{n}", order, retry_policy, args.wait, wire), flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def main() -> int:
     mode.add_argument("--restarts", action="store_true", help="the restart stress run only")
     p.add_argument("--sigterm", type=int, default=RESTARTS.worker_terms, help="with --restarts")
     p.add_argument("--sigkill", type=int, default=RESTARTS.worker_kills, help="with --restarts")
-    p.add_argument("--batch", type=int, default=48, help="requests per restart (--restarts)")
+    p.add_argument("--batch", type=int, default=32, help="requests per restart (--restarts)")
     p.add_argument("--out", type=Path, help="write the Markdown report here too")
     p.add_argument("--logs", type=Path, help="where process logs go (default: the cohost cache)")
     args = p.parse_args()

@@ -65,7 +65,7 @@ RESTARTS = Config(
     emulator_restarts=0,
     malformed=0,
     mixed_valid=0,
-    max_tokens=128,
+    max_tokens=64,
 )
 
 WORKER_KILL, WORKER_TERM, ENGINE_RESTART, EMULATOR_RESTART = (

@@ -4,7 +4,7 @@ until it comes back.
 
     uv run python -m bench.reliability --restarts [--sigterm 50] [--sigkill 20]
 
-One cycle: publish a batch of slow requests (`max_tokens` 128, so a SIGTERM's 1 s grace
+One cycle: publish a batch of slow requests (`max_tokens` 64, so a SIGTERM's 1 s grace
 period cancels the ones in flight), wait until the worker has some in flight, signal it
 (the supervisor restarts it once it exits, like a container runtime), then follow every
 request that was unanswered at the signal until its result is out. A result says when a
