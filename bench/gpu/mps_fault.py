@@ -1,0 +1,189 @@
+"""One MPS client's illegal-address store: does it take another client down? And without MPS?
+
+    python3 bench/gpu/mps_fault.py OUT.json [--watch 20]
+
+Bare torch and Triton, no vLLM (about a minute of device time). For each mode:
+
+  mps        an MPS control daemon with its own pipe directory; a victim process running a
+             CUDA matmul loop under it; a second client of the same daemon launches a Triton
+             kernel that stores to `ptr + (1 << 40)`; the victim is watched for --watch s.
+             Then, once every client has exited, a fresh client: how long until the MPS
+             server takes work again.
+  no-mps     the same two processes with no daemon (time-slicing, the driver's default).
+
+Prints one line per mode and writes everything to OUT.json: the faulting process's exit
+and error, whether and when the victim died (seconds after the faulting kernel's launch),
+its last lines, its matmul rate before and after the fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpuhost
+from cohost.launch.mps import NO_MPS_PIPE
+from cohost.processes import Child, tail
+
+# The victim prints one line per 0.2 s: wall time and matmuls done, so a stall shows too.
+VICTIM = """
+import time, torch
+a = torch.randn(4096, 4096, device="cuda")
+b = torch.randn(4096, 4096, device="cuda")
+torch.cuda.synchronize()
+print("ready", time.time(), flush=True)
+done, last = 0, time.time()
+while True:
+    (a @ b).sum().item()
+    done += 1
+    if time.time() - last >= 0.2:
+        last = time.time()
+        print("beat", last, done, flush=True)
+"""
+
+# A file, not `-c`: triton.jit reads the kernel's source. The kernel is compiled before
+# "launching" is printed (warmup compiles without running), so that time is the fault's.
+FAULTER = """
+import time, torch, triton, triton.language as tl
+
+@triton.jit
+def store_far(ptr):
+    tl.store(ptr + (1 << 40), 1.0)
+
+x = torch.zeros(16, device="cuda")
+torch.cuda.synchronize()
+try:
+    store_far.warmup(x, grid=(1,))
+except Exception as exc:  # an older or newer Triton: it compiles at the launch instead
+    print("warmup failed", type(exc).__name__, exc, flush=True)
+print("launching", time.time(), flush=True)
+try:
+    store_far[(1,)](x)
+    torch.cuda.synchronize()
+    print("no fault", time.time(), flush=True)
+except Exception as exc:
+    print("fault", time.time(), type(exc).__name__, str(exc)[:300], flush=True)
+    raise
+"""
+
+
+def beats(log: Path) -> list[tuple[float, int]]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "beat":
+            out.append((float(parts[1]), int(parts[2])))
+    return out
+
+
+def rate(points: list[tuple[float, int]], t0: float, t1: float) -> float | None:
+    """Matmuls per second between two wall-clock instants."""
+    inside = [p for p in points if t0 <= p[0] <= t1]
+    if len(inside) < 2:
+        return None
+    return (inside[-1][1] - inside[0][1]) / max(inside[-1][0] - inside[0][0], 1e-9)
+
+
+def launched_at(log: Path) -> float | None:
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("launching "):
+            return float(line.split()[1])
+    return None
+
+
+def one_mode(mode: str, out: Path, watch: float) -> dict[str, Any]:
+    logs = out.parent / f"{out.stem}-logs"
+    pipe = Path(f"/tmp/mps-fault-pipe-{os.getpid()}")  # the daemon of this run only
+    daemon = None
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
+    if mode == "mps":
+        daemon = gpuhost.MpsDaemon(pipe, logs / "mps-log")
+        daemon.start()
+        env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)}
+    scripts = logs / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    (scripts / "faulter.py").write_text(FAULTER)
+    result: dict[str, Any] = {"mode": mode}
+    victim = Child("victim", [sys.executable, "-c", VICTIM], log_path=logs / f"{mode}-victim.log",
+                   env=env).start()  # fmt: skip
+    try:
+        victim.wait_ready(lambda: len(beats(victim.log_path)) >= 10, timeout=120)
+        result["mps_servers"] = daemon.server_pids() if daemon else []
+        result["gpu_processes"] = gpuhost.gpu_processes()
+        faulter = Child("faulter", [sys.executable, str(scripts / "faulter.py")],
+                        log_path=logs / f"{mode}-faulter.log", env=env).start()  # fmt: skip
+        assert faulter.proc is not None
+        try:
+            code = faulter.proc.wait(timeout=60)
+        except Exception:
+            faulter.kill()
+            code = None
+        t_launch = launched_at(faulter.log_path) or time.time()
+        result["faulter"] = {"exit": code, "tail": tail(faulter.log_path, 15)}
+        deadline = time.monotonic() + watch
+        while victim.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        points = beats(victim.log_path)
+        died = not victim.alive()
+        result["victim"] = {
+            "died": died,
+            "exit": victim.proc.returncode if victim.proc is not None and died else None,
+            # Its last sign of life, relative to the faulting launch.
+            "last_beat_after_s": round(points[-1][0] - t_launch, 2) if points else None,
+            "matmul_per_s_before": rate(points, t_launch - 3, t_launch),
+            "matmul_per_s_after": rate(points, t_launch + 1, t_launch + watch),
+            "tail": tail(victim.log_path, 15),
+        }
+    finally:
+        victim.kill()
+    if daemon is not None:
+        result["recovery"] = recovery(env, logs)
+        result["daemon_log"] = daemon.log_tail()
+        result["server_log"] = daemon.log_tail("server.log")
+        daemon.quit()
+    return result
+
+
+def recovery(env: dict[str, str], logs: Path) -> dict[str, Any]:
+    """Every client has exited: how long until a new client runs under the same daemon."""
+    began = time.monotonic()
+    fresh = Child("fresh", [sys.executable, "-c", VICTIM], log_path=logs / "mps-fresh.log",
+                  env=env).start()  # fmt: skip
+    try:
+        fresh.wait_ready(lambda: len(beats(fresh.log_path)) >= 3, timeout=60)
+        return {"serving_after_s": round(time.monotonic() - began, 1)}
+    except Exception as exc:  # what happened is the result
+        return {"serving_after_s": None, "error": str(exc)[-1500:]}
+    finally:
+        fresh.kill()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--watch", type=float, default=20.0, help="seconds to watch the victim")
+    p.add_argument("--modes", default="mps,no-mps")
+    args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for mode in args.modes.split(","):
+        try:
+            row = one_mode(mode, args.out, args.watch)
+        except Exception as exc:  # record it, then the other mode
+            row = {"mode": mode, "error": f"{type(exc).__name__}: {exc}"[-3000:]}
+        results.append(row)
+        short = {k: v for k, v in row.items() if k not in ("daemon_log", "server_log")}
+        print(json.dumps(short)[:3000], flush=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
