@@ -14,6 +14,10 @@ Bare torch and Triton, no vLLM (about a minute of device time). For each mode:
 Prints one line per mode and writes everything to OUT.json: the faulting process's exit
 and error, whether and when the victim died (seconds after the faulting kernel's launch),
 its last lines, its matmul rate before and after the fault.
+
+Standard library only (torch and Triton run in the child processes), so it runs on the
+bare GPU host in one call, before or without the vLLM bundle and the project's packages
+(gpuhost.MpsDaemon needs those); `device.sh fault` runs it.
 """
 
 from __future__ import annotations
@@ -21,16 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import gpuhost
-from cohost.launch.mps import NO_MPS_PIPE
-from cohost.processes import Child, tail
+MPS_BIN = "/usr/local/nvidia/bin"
 
 # The victim prints one line per 0.2 s: wall time and matmuls done, so a stall shows too.
 VICTIM = """
@@ -74,6 +78,81 @@ except Exception as exc:
 """
 
 
+class Proc:
+    """A child process with its output in a log file, in its own process group."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log
+        with log.open("ab") as f:
+            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if not self.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"not ready (exit {self.proc.poll()}): {tail(self.log_path)}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Daemon:
+    """nvidia-cuda-mps-control -d with its own pipe and log directories."""
+
+    def __init__(self, pipe: Path, logs: Path) -> None:
+        self.pipe, self.logs = pipe, logs
+        path = f"{MPS_BIN}:{os.environ.get('PATH', '')}"
+        self.binary = (
+            shutil.which("nvidia-cuda-mps-control", path=path) or "nvidia-cuda-mps-control"
+        )
+        self.env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe),
+                    "CUDA_MPS_LOG_DIRECTORY": str(logs), "PATH": path}  # fmt: skip
+
+    def start(self) -> None:
+        self.pipe.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        subprocess.run([self.binary, "-d"], env=self.env, check=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while not (self.pipe / "control").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the MPS daemon made no {self.pipe / 'control'} in 30 s")
+            time.sleep(0.2)
+
+    def quit(self) -> None:
+        subprocess.run([self.binary], input="quit\n", env=self.env, text=True, timeout=30,
+                       capture_output=True, check=False)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while self.server_pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def server_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-f", "nvidia-cuda-mps-server"], capture_output=True,
+                             text=True, check=False).stdout  # fmt: skip
+        return [int(p) for p in out.split()]
+
+    def log_tail(self, name: str = "control.log") -> str:
+        path = self.logs / name
+        return tail(path, 40) if path.exists() else f"(no {name})"
+
+
+def gpu_processes() -> str:
+    return subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                           "--format=csv,noheader"], capture_output=True, text=True,
+                          check=False).stdout  # fmt: skip
+
+
 def beats(log: Path) -> list[tuple[float, int]]:
     out = []
     for line in log.read_text(errors="replace").splitlines():
@@ -102,24 +181,22 @@ def one_mode(mode: str, out: Path, watch: float) -> dict[str, Any]:
     logs = out.parent / f"{out.stem}-logs"
     pipe = Path(f"/tmp/mps-fault-pipe-{os.getpid()}")  # the daemon of this run only
     daemon = None
-    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
+    # No daemon listens there: CUDA runs the processes without MPS.
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": f"{pipe}-none"}
     if mode == "mps":
-        daemon = gpuhost.MpsDaemon(pipe, logs / "mps-log")
+        daemon = Daemon(pipe, logs / "mps-log")
         daemon.start()
         env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)}
     scripts = logs / "scripts"
     scripts.mkdir(parents=True, exist_ok=True)
     (scripts / "faulter.py").write_text(FAULTER)
     result: dict[str, Any] = {"mode": mode}
-    victim = Child("victim", [sys.executable, "-c", VICTIM], log_path=logs / f"{mode}-victim.log",
-                   env=env).start()  # fmt: skip
+    victim = Proc([sys.executable, "-c", VICTIM], logs / f"{mode}-victim.log", env)  # fmt: skip
     try:
         victim.wait_ready(lambda: len(beats(victim.log_path)) >= 10, timeout=120)
         result["mps_servers"] = daemon.server_pids() if daemon else []
-        result["gpu_processes"] = gpuhost.gpu_processes()
-        faulter = Child("faulter", [sys.executable, str(scripts / "faulter.py")],
-                        log_path=logs / f"{mode}-faulter.log", env=env).start()  # fmt: skip
-        assert faulter.proc is not None
+        result["gpu_processes"] = gpu_processes()
+        faulter = Proc([sys.executable, str(scripts / "faulter.py")], logs / f"{mode}-faulter.log", env)  # fmt: skip
         try:
             code = faulter.proc.wait(timeout=60)
         except Exception:
@@ -134,7 +211,7 @@ def one_mode(mode: str, out: Path, watch: float) -> dict[str, Any]:
         died = not victim.alive()
         result["victim"] = {
             "died": died,
-            "exit": victim.proc.returncode if victim.proc is not None and died else None,
+            "exit": victim.proc.returncode if died else None,
             # Its last sign of life, relative to the faulting launch.
             "last_beat_after_s": round(points[-1][0] - t_launch, 2) if points else None,
             "matmul_per_s_before": rate(points, t_launch - 3, t_launch),
@@ -154,8 +231,7 @@ def one_mode(mode: str, out: Path, watch: float) -> dict[str, Any]:
 def recovery(env: dict[str, str], logs: Path) -> dict[str, Any]:
     """Every client has exited: how long until a new client runs under the same daemon."""
     began = time.monotonic()
-    fresh = Child("fresh", [sys.executable, "-c", VICTIM], log_path=logs / "mps-fresh.log",
-                  env=env).start()  # fmt: skip
+    fresh = Proc([sys.executable, "-c", VICTIM], logs / "mps-fresh.log", env)  # fmt: skip
     try:
         fresh.wait_ready(lambda: len(beats(fresh.log_path)) >= 3, timeout=60)
         return {"serving_after_s": round(time.monotonic() - began, 1)}
