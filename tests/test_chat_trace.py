@@ -43,17 +43,25 @@ def test_load_names_a_bad_line_and_a_missing_file(tmp_path: Path) -> None:
 
 
 def test_schedule_scales_the_clock_to_the_wanted_rate() -> None:
-    # 11 requests over 10 s: 1 request/s. At 4/s the same arrivals come 4x as fast.
+    # 11 requests 1 s apart. At 4/s the same arrivals come 4x as fast: 1 s holds 4.
     requests = [Request(float(t), 100, 10) for t in range(11)]
-    plan = trace.schedule(requests, 4.0, duration_s=100)
-    assert [r.at_s for r in plan] == pytest.approx([t / 4 for t in range(11)])
-    # Bounded by time and by count; a start point shifts the trace's origin.
-    assert len(trace.schedule(requests, 4.0, duration_s=1.0)) == 4  # 0, .25, .5, .75
+    assert [r.at_s for r in trace.schedule(requests, 4.0, duration_s=1.0)] == [0, 0.25, 0.5, 0.75]
+    # Bounded by count; a trace too short for the duration gives what it has, at the rate.
     assert len(trace.schedule(requests, 4.0, duration_s=100, max_requests=3)) == 3
-    later = trace.schedule(requests, 1.0, duration_s=100, start_s=5)
-    assert [r.at_s for r in later] == [0, 1, 2, 3, 4, 5]
+    short = trace.schedule(requests, 4.0, duration_s=100)
+    assert [r.at_s for r in short] == pytest.approx([t / 4 for t in range(10)])
+    # A start point shifts the trace's origin.
+    assert [r.at_s for r in trace.schedule(requests, 1.0, duration_s=3, start_s=5)] == [0, 1, 2]
     with pytest.raises(ValueError, match="above 0"):
         trace.schedule(requests, 0, duration_s=10)
+
+
+def test_schedule_keeps_a_slices_burstiness_at_the_wanted_mean() -> None:
+    # Two bursts: 0, 0.1, 0.2 and 10, 10.1, 10.2; the next at 20. At 0.3/s for 20 s: six
+    # requests over 20 s, the bursts stretched by the same factor (20 / 20 trace s).
+    times = [0, 0.1, 0.2, 10, 10.1, 10.2, 20]
+    plan = trace.schedule([Request(t, 1, 1) for t in times], 0.3, duration_s=20)
+    assert [r.at_s for r in plan] == pytest.approx(times[:6])
 
 
 def test_cap_keeps_context_and_generated_within_max_model_len() -> None:
@@ -71,7 +79,13 @@ def test_the_real_trace_keeps_its_rate_and_fits_when_capped() -> None:
     assert len(requests) == 19_366
     assert 5.0 < trace.mean_rate(requests) < 6.0  # the README's "about 5.5 requests/s"
     plan = trace.schedule(requests, 2.0, duration_s=600, max_model_len=4096)
-    assert abs((len(plan) - 1) / plan[-1].at_s - 2.0) < 0.5  # 10 minutes keep ~the mean
+    assert len(plan) == 1200
+    assert 590 < plan[-1].at_s < 600
+    # The trace's first minute is slow (191 requests), its 27th busy (480): either slice,
+    # scaled, arrives at the wanted rate.
+    busy = trace.schedule(requests, 2.0, duration_s=60, start_s=27 * 60)
+    assert len(busy) == 120
+    assert 55 < busy[-1].at_s < 60
     assert all(r.context_tokens + r.generated_tokens <= 4096 - 32 for r in plan)
     assert max(r.context_tokens for r in plan) > 2048  # long contexts are kept, not dropped
 

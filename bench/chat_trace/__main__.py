@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                               max_requests=args.max_requests, start_s=args.start,
                               max_model_len=args.max_model_len)  # fmt: skip
         await prompts.prepare(plan)
-        outcomes, window = await replay.replay(args.url, args.model, plan, prompts)
+        outcomes, window = await replay.replay(args.url, args.model, plan, prompts,
+                                               duration_s=args.duration)  # fmt: skip
         return {"rate_per_s": rate, **replay.summary(outcomes, window),
                 "outcomes": replay.rows(outcomes)}  # fmt: skip
 

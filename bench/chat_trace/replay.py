@@ -155,12 +155,14 @@ async def replay(
     requests: Sequence[Request],
     prompts: PromptMaker,
     *,
+    duration_s: float = 0.0,
     drain_s: float = 120.0,
     timeout_s: float = 120.0,
 ) -> tuple[list[Outcome], float]:
     """Send each request at its time; wait up to `drain_s` after the last arrival for the
-    ones in flight (those still running then count as errors). Returns the outcomes, times
-    relative to the start, and the window's length (start to the last request's end)."""
+    ones in flight (those still running then count as errors), and at least until
+    `duration_s` from the start. Returns the outcomes, times relative to the start, and the
+    window's length (the start to the later of `duration_s` and the last request's end)."""
     client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=timeout_s)
     start = time.monotonic()
     tasks: list[asyncio.Task[Outcome]] = []
@@ -170,6 +172,7 @@ async def replay(
             tasks.append(asyncio.create_task(send(client, model, prompts, request, i)))
         if tasks:
             await asyncio.wait(tasks, timeout=drain_s)
+        await asyncio.sleep(max(0.0, start + duration_s - time.monotonic()))
     finally:
         for task in tasks:
             task.cancel()
@@ -187,7 +190,7 @@ async def replay(
         o.started_s -= start
         o.ended_s -= start
         outcomes.append(o)
-    window = max([o.ended_s for o in outcomes] + [requests[-1].at_s if requests else 0.0])
+    window = max([o.ended_s for o in outcomes] + [duration_s])
     return outcomes, window
 
 

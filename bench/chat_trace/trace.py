@@ -1,8 +1,9 @@
 """The trace's requests, and the schedule a replay sends: pure functions, no I/O but `load`.
 
 The trace is one hour of a cluster's conversation requests (about 5.5/s). One chatbot
-gets its burstiness and sizes with its clock stretched: arrivals scaled so the mean rate
-is the wanted one (a fraction of the chatbot's measured capacity, `replay.capacity`).
+gets its burstiness and sizes with its clock stretched: a slice of consecutive arrivals
+scaled so their mean rate is the wanted one (a fraction of the chatbot's measured
+capacity, `replay.capacity`).
 Each request's context + generated tokens are capped to the chatbot's max_model_len.
 """
 
@@ -90,21 +91,27 @@ def schedule(
     max_model_len: int | None = None,
     margin: int = TEMPLATE_MARGIN,
 ) -> list[Request]:
-    """The requests a replay sends: the trace from `start_s` (trace time) on, its clock
-    scaled so the whole trace's mean rate becomes `rate` per second, arrivals within
-    `duration_s` of the replay's start, at most `max_requests`, sizes capped."""
+    """The requests a replay sends: `rate` x `duration_s` of them (at most `max_requests`),
+    consecutive in the trace from `start_s` (trace time) on, their clock scaled so that they
+    arrive at exactly `rate` per second on average (the trace's rate varies over its hour:
+    its first minute has 3.2/s, its busiest 8/s; scaling the slice, not the whole trace,
+    keeps the wanted load) with the slice's own burstiness; sizes capped."""
     if rate <= 0:
         raise ValueError(f"rate {rate} must be above 0")
-    stretch = mean_rate(requests) / rate  # replay seconds per trace second
-    out: list[Request] = []
-    first = next((r.at_s for r in requests if r.at_s >= start_s), None)
-    for r in requests:
-        if first is None or r.at_s < first:
-            continue
-        at = (r.at_s - first) * stretch
-        if at >= duration_s or (max_requests is not None and len(out) >= max_requests):
-            break
-        scaled = Request(at, r.context_tokens, r.generated_tokens)
+    first = next((i for i, r in enumerate(requests) if r.at_s >= start_s), len(requests))
+    wanted = max(1, round(rate * duration_s))
+    if max_requests is not None:
+        wanted = min(wanted, max_requests)
+    # One more than sent: the next arrival closes the slice's span (n gaps for n requests).
+    chosen = requests[first : first + wanted + 1]
+    if len(chosen) < 2:
+        raise ValueError(f"the trace has fewer than 2 requests after {start_s} s")
+    n = min(wanted, len(chosen) - 1)
+    span = chosen[n].at_s - chosen[0].at_s
+    stretch = (n / rate) / span if span > 0 else 1.0  # replay seconds per trace second
+    out = []
+    for r in chosen[:n]:
+        scaled = Request((r.at_s - chosen[0].at_s) * stretch, r.context_tokens, r.generated_tokens)
         out.append(cap(scaled, max_model_len, margin) if max_model_len else scaled)
     return out
 
