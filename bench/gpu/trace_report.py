@@ -4,7 +4,8 @@ Per profile and load: chat TTFT and TPOT p50/p99 under each sharing and preempti
 against chat alone with the same arrivals (alone without MPS where the run has it: the
 card's own speed), feedback tok/s, and the harvest: feedback tok/s over (feedback alone
 tok/s x the chat-idle fraction that load leaves, measured with chat alone). Feedback alone
-is likewise the time-slicing pair's where there is one (the whole card).
+is likewise the time-slicing pair's where there is one (the whole card). A harvest above
+100% means feedback also made progress while chat was busy, not only in its idle time.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ def print_tables(path: Path) -> None:
     for profile in profiles:
         fb_alone = _baseline(rows, "feedback_alone", profile=profile)
         solo = fb_alone["feedback"]["tokens_per_s"] if fb_alone else None
-        if fb_alone:
-            print(f"\n{profile}: feedback alone {solo:,.0f} tok/s ({fb_alone['sharing']})")
+        for r in rows:
+            if r["step"] == "feedback_alone" and r["profile"] == profile:
+                tok = r["feedback"]["tokens_per_s"]
+                print(f"\n{profile}: feedback alone, {r['sharing']}: {tok:,.0f} tok/s"
+                      + (" (the harvest's baseline)" if r is fb_alone else ""))  # fmt: skip
         loads = sorted({r["load"] for r in rows if r.get("profile") == profile and "load" in r})
         for load in loads:
             alone = _baseline(rows, "chat_alone", profile=profile, load=load)
@@ -64,7 +68,7 @@ def print_tables(path: Path) -> None:
                 if r.get("profile") != profile or r.get("load") != load:
                     continue
                 if r["step"] == "chat_alone":
-                    print(_line(r, "chat alone", "-", a, None, None))
+                    print(_line(r, f"chat alone ({r['sharing']})", "-", a, None, None))
                 elif r["step"] == "shared":
                     preempt = "on" if r["preempt"] else "off"
                     if r["preempt"] and not r["worker"]["has_preemption"]:

@@ -229,10 +229,13 @@ def fault(run: Run, pair: Pair, chat: Chat, load: float, cap: float, settle_s: f
             "chat": replay.summary(outcomes, window),
             "chat_before_fault": replay.summary(before, fault_at),
             "chat_errors": len(errors),
-            "chat_errors_from_s": round(
-                min((o.started_s for o in errors), default=0) - fault_at, 1
-            ),
-            "chat_errors_until_s": round(max((o.ended_s for o in errors), default=0) - fault_at, 1),
+            # When failed requests started and ended, from the fault (None: none failed).
+            "chat_errors_from_s": round(min(o.started_s for o in errors) - fault_at, 1)
+            if errors
+            else None,
+            "chat_errors_until_s": round(max(o.ended_s for o in errors) - fault_at, 1)
+            if errors
+            else None,
             "feedback": load_.accounting(),
             "feedback_drained": load_.source.drained.is_set(),
             "outcomes": replay.rows(outcomes),
