@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sharing
@@ -170,8 +169,6 @@ def shared(run: Run, pair: Pair, chat: Chat, load: float, cap: float, preempt: b
 
 
 # ----------------------------------------------------------------------------- a GPU fault
-
-FAULTER = Path(__file__).resolve().parent / "mps_fault.py"
 
 
 def fault(run: Run, pair: Pair, chat: Chat, load: float, cap: float, settle_s: float) -> None:
