@@ -191,47 +191,67 @@ def one_mode(mode: str, out: Path, watch: float) -> dict[str, Any]:
     scripts.mkdir(parents=True, exist_ok=True)
     (scripts / "faulter.py").write_text(FAULTER)
     result: dict[str, Any] = {"mode": mode}
-    victim = Proc([sys.executable, "-c", VICTIM], logs / f"{mode}-victim.log", env)  # fmt: skip
+    try:
+        result.update(fault(env, logs, scripts / "faulter.py", mode, watch))
+        if daemon is not None:
+            result["recovery"] = recovery(env, logs)
+    finally:
+        if daemon is not None:
+            result["daemon_log"] = daemon.log_tail()
+            result["server_log"] = daemon.log_tail("server.log")
+            result["mps_servers_at_end"] = daemon.server_pids()
+            daemon.quit()
+    return result
+
+
+def fault(env: dict[str, str], logs: Path, script: Path, mode: str, watch: float) -> dict[str, Any]:
+    """The victim's matmul loop, then the faulting client; both watched together until the
+    faulter has exited (60 s at most) and the victim has died or lived `watch` s more."""
+    out: dict[str, Any] = {}
+    victim = Proc([sys.executable, "-c", VICTIM], logs / f"{mode}-victim.log", env)
+    faulter = None
     try:
         victim.wait_ready(lambda: len(beats(victim.log_path)) >= 10, timeout=120)
-        result["mps_servers"] = daemon.server_pids() if daemon else []
-        result["gpu_processes"] = gpu_processes()
-        faulter = Proc([sys.executable, str(scripts / "faulter.py")], logs / f"{mode}-faulter.log", env)  # fmt: skip
-        try:
-            code = faulter.proc.wait(timeout=60)
-        except Exception:
-            faulter.kill()
-            code = None
-        t_launch = launched_at(faulter.log_path) or time.time()
-        result["faulter"] = {"exit": code, "tail": tail(faulter.log_path, 15)}
-        deadline = time.monotonic() + watch
-        while victim.alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        out["gpu_processes"] = gpu_processes()
+        faulter = Proc([sys.executable, str(script)], logs / f"{mode}-faulter.log", env)
+        started = time.monotonic()
+        faulter_done = died_at = None
+        while True:
+            now = time.monotonic()
+            if faulter_done is None and (not faulter.alive() or now - started > 60):
+                faulter_done = now
+            if died_at is None and not victim.alive():
+                died_at = time.time()
+            if faulter_done is not None and (died_at is not None or now - faulter_done > watch):
+                break
+            time.sleep(0.05)
+        faulter.kill()  # if it still runs (hung after its fault)
+        t_launch = launched_at(faulter.log_path)
         points = beats(victim.log_path)
-        died = not victim.alive()
-        result["victim"] = {
-            "died": died,
-            "exit": victim.proc.returncode if died else None,
-            # Its last sign of life, relative to the faulting launch.
-            "last_beat_after_s": round(points[-1][0] - t_launch, 2) if points else None,
-            "matmul_per_s_before": rate(points, t_launch - 3, t_launch),
-            "matmul_per_s_after": rate(points, t_launch + 1, t_launch + watch),
+        out["faulter"] = {"exit": faulter.proc.returncode, "launched": t_launch is not None,
+                          "tail": tail(faulter.log_path, 15)}  # fmt: skip
+        t0 = t_launch or time.time()
+        out["victim"] = {
+            "died": died_at is not None,
+            "exit": victim.proc.returncode if died_at is not None else None,
+            # Seen dead (polled every 50 ms), and its last sign of life, after the launch.
+            "died_after_s": round(died_at - t0, 2) if died_at is not None else None,
+            "last_beat_after_s": round(points[-1][0] - t0, 2) if points else None,
+            "matmul_per_s_before": rate(points, t0 - 3, t0),
+            "matmul_per_s_after": rate(points, t0 + 1, t0 + watch),
             "tail": tail(victim.log_path, 15),
         }
     finally:
         victim.kill()
-    if daemon is not None:
-        result["recovery"] = recovery(env, logs)
-        result["daemon_log"] = daemon.log_tail()
-        result["server_log"] = daemon.log_tail("server.log")
-        daemon.quit()
-    return result
+        if faulter is not None:
+            faulter.kill()
+    return out
 
 
 def recovery(env: dict[str, str], logs: Path) -> dict[str, Any]:
     """Every client has exited: how long until a new client runs under the same daemon."""
     began = time.monotonic()
-    fresh = Proc([sys.executable, "-c", VICTIM], logs / "mps-fresh.log", env)  # fmt: skip
+    fresh = Proc([sys.executable, "-c", VICTIM], logs / "mps-fresh.log", env)
     try:
         fresh.wait_ready(lambda: len(beats(fresh.log_path)) >= 3, timeout=60)
         return {"serving_after_s": round(time.monotonic() - began, 1)}
