@@ -29,15 +29,18 @@ from cohost.launch.exits import (
     EXIT_GATE_TIMEOUT,
     EXIT_NO_MEMORY,
     EXIT_NO_MPS,
+    EXIT_UNPLANNED_SHARE,
     EXIT_WRONG_GPU,
 )
 from cohost.launch.mps import NO_MPS_PIPE
+from cohost.plan import envfile, sharing
 from cohost.processes import Child, console_script, free_port, http_ok, log_contains
 from cohost.units import MIB
 
 from harness.launcher import recorded, recorder
 from harness.mps import FakeMpsDaemon
 
+ROOT = Path(__file__).resolve().parents[1]
 L4_TOTAL = 23034 * MIB
 COHOST = console_script("cohost")
 
@@ -243,6 +246,10 @@ def mps_env(gpu_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "CHATBOT_ENGINE_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
         "CHATBOT_ENGINE_MPS_CLIENT_PRIORITY": "0",
         "CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES": str(LIMIT_MIB * MIB),
+        # What `cohost plan` writes beside a share (cohost.plan.sharing.share_check).
+        "CHATBOT_ENGINE_MPS_SHARE_CHECK": sharing.share_check(
+            100, 0, LIMIT_MIB * MIB, 12_000 * MIB
+        ),
         "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
         "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
     }
@@ -353,6 +360,38 @@ def test_refuses_a_cap_below_the_servers_plan(mps_env: dict[str, str], tmp_path:
     assert result.returncode == EXIT_CONFIG
     assert "caps chatbot at 10,000 MiB under MPS, but the server needs 12,000 MiB" in result.stderr
     assert not (tmp_path / "started.json").exists()
+
+
+def test_refuses_a_share_its_plan_did_not_size(mps_env: dict[str, str], tmp_path: Path) -> None:
+    """The shipped L4 plan's feedback server starts with the share it was planned with; the
+    same plan with the share raised (or the priority changed) by hand is refused."""
+    plan = envfile.read(ROOT / "deploy" / "l4.env")
+    free = int(plan["COHOST_GPU_TOTAL_BYTES"]) - 480 * MIB
+    fake = tmp_path / "l4.json"
+    fake.write_text(reading(free_mib=free // MIB).to_json())
+    env = {
+        **{k: v for k, v in mps_env.items() if not k.startswith("CHATBOT_")},
+        **plan,
+        "COHOST_FAKE_NVML": str(fake),
+        "FEEDBACK_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
+    }
+    with FakeMpsDaemon(tmp_path / "mps"):
+        planned = launch("feedback", env)
+        assert planned.returncode == 0, planned.stderr
+        assert recorded(tmp_path / "started.json")["mps"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == (
+            "30"
+        )
+        (tmp_path / "started.json").unlink()
+        for key, value in (("MPS_ACTIVE_THREAD_PERCENTAGE", "100"), ("MPS_CLIENT_PRIORITY", "0")):
+            result = launch("feedback", {**env, f"FEEDBACK_ENGINE_{key}": value})
+            assert result.returncode == EXIT_UNPLANNED_SHARE, result.stderr
+            assert "is not the one its plan sized memory for" in result.stderr
+            assert "Re-plan with the share you want" in result.stderr
+            assert not (tmp_path / "started.json").exists()
+    missing = {k: v for k, v in env.items() if k != "FEEDBACK_ENGINE_MPS_SHARE_CHECK"}
+    result = launch("feedback", missing)
+    assert result.returncode == EXIT_CONFIG
+    assert "FEEDBACK_ENGINE_MPS_SHARE_CHECK: required when COHOST_SHARING=mps" in result.stderr
 
 
 @pytest.mark.engine

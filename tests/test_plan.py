@@ -407,6 +407,25 @@ def test_env_file_carries_the_sharing(capsys: pytest.CaptureFixture[str], tmp_pa
         values["CHATBOT_ENGINE_EXPECTED_PROCESS_BYTES"]
     )
     assert "# sharing: CUDA MPS (chatbot 100% of SMs" in mps_env.read_text()
+    # The share is tied to the memory sized for it: the launcher recomputes this check.
+    p = "FEEDBACK_ENGINE_"
+    assert values[p + "MPS_SHARE_CHECK"] == sharing.share_check(
+        25, 1, int(values[p + "MPS_PINNED_MEMORY_BYTES"]), int(values[p + "EXPECTED_PROCESS_BYTES"])
+    )
+    # Another share is another plan: more SMs, more memory, another check.
+    wide_env = tmp_path / "wide.env"
+    wide = [*argv[:-1], argv[-1].replace("sm=25", "sm=100,priority=normal")]
+    assert run_cli(capsys, *wide, "--write-env", str(wide_env))[0] == 0
+    widened = envfile.read(wide_env)
+    assert widened[p + "MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"
+    assert widened[p + "MPS_CLIENT_PRIORITY"] == "0"
+
+    def outside_budget(plan: dict[str, str]) -> int:  # CUDA graphs, sampler, the context
+        return int(plan[p + "EXPECTED_PROCESS_BYTES"]) - int(plan[p + "BUDGET_BYTES"])
+
+    grown = memory.mps_context_bytes(100) - memory.mps_context_bytes(25)
+    assert outside_budget(widened) - outside_budget(values) == grown
+    assert widened[p + "MPS_SHARE_CHECK"] != values[p + "MPS_SHARE_CHECK"]
     sliced = envfile.read(sliced_env)
     assert sliced["COHOST_SHARING"] == "time-slicing"
     assert not [k for k in sliced if "_MPS_" in k]

@@ -6,6 +6,8 @@
 #                                          # probe (torch and the project's launcher code)
 #   bash bench/gpu/device.sh start ARGS    # unpack the bundle, install .whl, start
 #                                          # sharing_run.py ARGS in the background, then wait
+#   bash bench/gpu/device.sh trace ARGS    # the same with trace_run.py ARGS
+#   bash bench/gpu/device.sh fault         # mps_fault.py (torch + Triton, no vLLM): $OUT/mps-fault.json
 #   bash bench/gpu/device.sh wait [S]      # wait up to S seconds (default 540) for progress
 #   bash bench/gpu/device.sh skip          # ask the run to skip its optional steps
 #
@@ -44,13 +46,18 @@ case "${1:-}" in
     install || exit 1
     python3 bench/gpu/mps_probe.py "$OUT/probe.json" 2>&1 | tail -n 60
     ;;
-  start)
+  start|trace)
+    script=sharing_run.py; [ "$1" = trace ] && script=trace_run.py
     shift
     install || exit 1
     mkdir -p "$RUN"
-    setsid nohup python3 bench/gpu/sharing_run.py "$RUN" "$@" > "$RUN/progress.log" 2>&1 < /dev/null &
-    echo "started: sharing_run.py $RUN $*"
+    setsid nohup python3 "bench/gpu/$script" "$RUN" "$@" > "$RUN/progress.log" 2>&1 < /dev/null &
+    echo "started: $script $RUN $*"
     bash "$0" wait "${WAIT_S:-480}"
+    ;;
+  fault)
+    # Triton: the host's torch brings it; the bundle's, where it is unpacked, comes first.
+    python3 bench/gpu/mps_fault.py "$OUT/mps-fault.json" 2>&1 | tail -n 40
     ;;
   wait)
     deadline=$((SECONDS + ${2:-540}))
@@ -63,5 +70,5 @@ case "${1:-}" in
     collect
     ;;
   *)
-    echo "usage: $0 part N | probe | start ARGS | wait [S] | skip" >&2; exit 2 ;;
+    echo "usage: $0 part N | probe | start ARGS | trace ARGS | fault | wait [S] | skip" >&2; exit 2 ;;
 esac

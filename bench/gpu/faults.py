@@ -14,7 +14,7 @@ from typing import Any
 import sharing
 from cohost.plan.envfile import prefix
 from cohost.processes import tail
-from servers import SERVICES, Pair, Run, url
+from servers import SERVICES, Pair, Run, replan, url
 
 
 def phases(run: Run, pair: Pair, label: str, names: list[str]) -> None:
@@ -124,11 +124,16 @@ def mps_kill(run: Run, pair: Pair, daemon: Any) -> None:
                 "restart": {n: pair.describe(n) for n in SERVICES}})  # fmt: skip
 
 
-def variant(run: Run, pair: Pair, label: str, **overrides: str) -> None:
+def variant(run: Run, pair: Pair, label: str, feedback: str) -> None:
+    """The feedback engine restarted from the plan re-made with `feedback` options (sm=,
+    priority=): its memory sized for that share (the chatbot keeps its running plan)."""
+    plan = replan(run, pair.plan, label.replace(" ", "-").replace("%", ""), feedback=feedback)
     pair.stop(("feedback",))
-    healthy = pair.start(("feedback",), **overrides)
+    pair.adopt(plan, "feedback")
+    healthy = pair.start(("feedback",))
     run.record({"step": "variant", "profile": pair.profile, "setting": label,
-                "overrides": overrides, "healthy_s": healthy, **pair.describe("feedback")})  # fmt: skip
+                "replanned": feedback, "plan": plan.name, "healthy_s": healthy,
+                **pair.describe("feedback")})  # fmt: skip
     if healthy["feedback"] is not None:
         phases(run, pair, label, ["raw_sharing", "feedback_alone"])
 

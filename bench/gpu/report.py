@@ -1,6 +1,7 @@
 """Tables from the recorded GPU runs: planner vs vLLM vs nvidia-smi, trials, sharing.
 
     uv run python bench/gpu/report.py calibration|trials|sharing
+    uv run python bench/gpu/report.py trace RUN_DIR     # a trace_run.py run (results.jsonl)
 
 Reads deploy/calibration/ and bench/gpu/results/; prints Markdown. The numbers in
 docs/calibration.md and docs/sharing.md are this script's output.
@@ -191,5 +192,16 @@ def sharing() -> None:
             )
 
 
+def trace(run_dir: str) -> None:
+    """bench/gpu/trace_run.py's rows: chat against chat alone, feedback and its harvest."""
+    import trace_report
+
+    trace_report.print_tables(Path(run_dir) / "results.jsonl")
+
+
 if __name__ == "__main__":
-    {"calibration": calibration, "trials": trials, "sharing": sharing}[sys.argv[1]]()
+    if sys.argv[1] == "trace":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        trace(sys.argv[2])
+    else:
+        {"calibration": calibration, "trials": trials, "sharing": sharing}[sys.argv[1]]()

@@ -50,7 +50,7 @@ class Run:
         row = {"at_s": round(time.monotonic() - self.started, 1), **row}
         with (self.out / "results.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
-        short = {k: v for k, v in row.items() if k not in ("timeline", "vllm", "tail")}
+        short = {k: v for k, v in row.items() if k not in ("timeline", "vllm", "tail", "outcomes")}
         print(json.dumps(short)[:1500], flush=True)
 
     def note(self, text: str) -> None:
@@ -72,13 +72,28 @@ class Pair:
         self.run, self.profile, self.plan = run, profile, plan
         self.values = envfile.read(plan)
         self.sharing = envfile.sharing_of(self.values)
+        self.engines = engines
         # The plan, then what this host runs instead of the real model (dummy weights, the
         # bundle's vLLM, local ports).
-        self.env = {**base, **self.values, **engines}
-        for key in [k for k, v in engines.items() if not v]:
-            del self.env[key]
+        self.env = self._with_engines({**base, **self.values})
         self.children: dict[str, Child] = {}
         self.starts = 0
+
+    def _with_engines(self, env: dict[str, str]) -> dict[str, str]:
+        env.update(self.engines)
+        for key in [k for k, v in self.engines.items() if not v]:
+            del env[key]
+        return env
+
+    def adopt(self, plan: Path, name: str) -> None:
+        """Take service `name`'s settings from another plan (re-planned with another share),
+        for its next start."""
+        p = prefix(name)
+        values = envfile.read(plan)
+        kept = {k: v for k, v in self.env.items() if not k.startswith(p)}
+        self.env = self._with_engines(
+            {**kept, **{k: v for k, v in values.items() if k.startswith(p)}}
+        )
 
     def launcher(self, name: str, **overrides: str) -> Child:
         self.starts += 1
@@ -156,20 +171,35 @@ def ancestors(pid: int) -> list[int]:
     return chain
 
 
-def time_slicing_plan(run: Run, shipped: Path) -> Path:
-    """The shipped plan's services, planned again with --sharing time-slicing."""
+def replan(
+    run: Run, shipped: Path, label: str, *, sharing_mode: str = "mps", feedback: str = ""
+) -> Path:
+    """The shipped plan's command run again (`cohost plan`, never a hand edit: the launcher
+    refuses an MPS share its plan did not size): another sharing, or `feedback` options
+    (`sm=50`, `priority=normal`) added to the feedback service."""
     argv = envfile.command(shipped)
-    out = run.out / "plans" / f"{shipped.stem}-time-slicing.env"
+    out = run.out / "plans" / f"{shipped.stem}-{label}.env"
     out.parent.mkdir(parents=True, exist_ok=True)
-    argv = [a for a in argv if a not in ("mps", "--sharing")]
+    at = argv.index("--sharing") if "--sharing" in argv else None
+    if at is not None:
+        del argv[at : at + 2]
     argv[argv.index("--write-env") + 1] = str(out)
+    if feedback:
+        i = next(i for i, a in enumerate(argv) if a.startswith("feedback="))
+        argv[i] += "," + feedback
     cwd = Path.cwd()
     os.chdir(ROOT)
     try:
-        cli.main([*argv, "--sharing", "time-slicing"])
+        if cli.main([*argv, "--sharing", sharing_mode]) != 0:
+            raise RuntimeError(f"cohost plan {' '.join(argv)} did not fit")
     finally:
         os.chdir(cwd)
     return out
+
+
+def time_slicing_plan(run: Run, shipped: Path) -> Path:
+    """The shipped plan's services, planned again with --sharing time-slicing."""
+    return replan(run, shipped, "time-slicing", sharing_mode="time-slicing")
 
 
 def base_env(run: Run) -> dict[str, str]:

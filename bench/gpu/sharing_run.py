@@ -14,7 +14,8 @@ OUT/results.jsonl (logs under OUT/logs/):
   phases         chat alone, feedback alone, both, chat-first, chat-first while chat is idle
   feedback-kill  the feedback engine SIGKILLed under load: chat errors meanwhile; restart
   mps-kill       the MPS server SIGKILLed under load: what the engines do, both restarted
-  variant        the feedback engine restarted with other MPS settings, then phases
+  variant        the feedback engine restarted from a re-made plan with another MPS share
+                 (sm=, priority=: `cohost plan`, as an operator would), then phases
   over-cap       the feedback engine started with a memory cap below its plan
 
 The time-slicing pair runs the same services planned with --sharing time-slicing; the MPS
@@ -113,14 +114,10 @@ STEPS: dict[str, Callable[[Run, Pair, Any], None]] = {
     "feedback-kill": lambda run, pair, daemon: feedback_kill(run, pair),
     "mps-kill": mps_kill,
     "priority-normal": lambda run, pair, daemon: variant(
-        run, pair, "feedback priority normal", MPS_CLIENT_PRIORITY="0"
+        run, pair, "feedback priority normal", "priority=normal"
     ),
-    "sm-50": lambda run, pair, daemon: variant(
-        run, pair, "feedback 50% of SMs", MPS_ACTIVE_THREAD_PERCENTAGE="50"
-    ),
-    "sm-20": lambda run, pair, daemon: variant(
-        run, pair, "feedback 20% of SMs", MPS_ACTIVE_THREAD_PERCENTAGE="20"
-    ),
+    "sm-50": lambda run, pair, daemon: variant(run, pair, "feedback 50% of SMs", "sm=50"),
+    "sm-20": lambda run, pair, daemon: variant(run, pair, "feedback 20% of SMs", "sm=20"),
     "over-cap": lambda run, pair, daemon: over_cap(run, pair),
 }
 OPTIONAL = {"priority-normal", "sm-50", "sm-20", "over-cap"}

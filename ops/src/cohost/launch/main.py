@@ -4,8 +4,8 @@ Every vLLM container runs this instead of `vllm serve`. It
 
 1. reads the service's planned settings (`<SERVICE>_ENGINE_*`, from the plan's env file);
 2. checks through NVML that the GPU is the one planned for;
-3. under MPS sharing, waits for the MPS control daemon (`mps`), so vLLM cannot silently
-   start without its share;
+3. under MPS sharing, refuses a share its plan did not size (`preflight`) and waits for
+   the MPS control daemon (`mps`), so vLLM cannot silently start without its share;
 4. takes the GPU's start gate (`gate`), so servers start strictly one at a time;
 5. checks that the whole server (its plan's process memory) fits in what is free now,
    and refuses with what holds the memory and what to change otherwise;
@@ -36,6 +36,7 @@ def run(service: str) -> NoReturn:
             raise Refusal(EXIT_WRONG_GPU, f"cannot read GPU {planned.gpu_index}: {exc}") from None
         preflight.check_card(planned, reading)
         preflight.check_mps_cap(service, planned)
+        preflight.check_mps_share(service, planned)
         if planned.sharing == "mps":
             mps.wait_for_daemon(service, planned)
         fd = gate.take(service, planned, reading)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import math
 
 from cohost import gpus, nvml
-from cohost.launch.exits import EXIT_CONFIG, EXIT_NO_MEMORY, EXIT_WRONG_GPU, Refusal
+from cohost.launch.exits import (
+    EXIT_CONFIG,
+    EXIT_NO_MEMORY,
+    EXIT_UNPLANNED_SHARE,
+    EXIT_WRONG_GPU,
+    Refusal,
+)
 from cohost.launch.settings import EngineSettings
-from cohost.plan import memory
+from cohost.plan import memory, sharing
+from cohost.plan.envfile import prefix
 from cohost.units import MIB
 
 
@@ -66,4 +73,32 @@ def check_mps_cap(service: str, settings: EngineSettings) -> None:
         f"the plan caps {service} at {cap // MIB:,} MiB under MPS, but the server needs "
         f"{needed // MIB:,} MiB (its planned process memory): vLLM would not start. "
         "Re-plan (`cohost plan`) rather than editing the cap by hand.",
+    )
+
+
+def check_mps_share(service: str, settings: EngineSettings) -> None:
+    """The share must be the one the plan sized this server's memory for: a client's memory
+    grows with its share of the SMs, so a share raised by hand outgrows the plan (and its
+    cap) at run time, and any hand edit is a plan nobody checked."""
+    if settings.sharing != "mps":
+        return
+    sm, priority = settings.mps_active_thread_percentage, settings.mps_client_priority
+    limit = settings.mps_pinned_memory_bytes
+    # settings.load refuses an MPS plan without them
+    assert sm is not None
+    assert priority is not None
+    assert limit is not None
+    given = sharing.share_check(sm, priority, limit, settings.expected_process_bytes)
+    if given == settings.mps_share_check:
+        return
+    p = prefix(service)
+    name = sharing.PRIORITY_NAMES.get(priority, str(priority))
+    raise Refusal(
+        EXIT_UNPLANNED_SHARE,
+        f"{service}'s MPS share ({p}MPS_ACTIVE_THREAD_PERCENTAGE={sm}, "
+        f"{p}MPS_CLIENT_PRIORITY={priority}, {p}MPS_PINNED_MEMORY_BYTES={limit}) is not the "
+        f"one its plan sized memory for ({p}MPS_SHARE_CHECK does not match): a client's "
+        "memory depends on its share of the SMs. Re-plan with the share you want, e.g. "
+        f"`cohost plan ... --service {service}=MODEL,...,sm={sm},priority={name}`, "
+        "rather than editing the plan by hand.",
     )

@@ -54,6 +54,8 @@ class EngineSettings(BaseSettings):
     mps_active_thread_percentage: int | None = Field(default=None, ge=1, le=100)
     mps_client_priority: int | None = Field(default=None, ge=0, le=1)
     mps_pinned_memory_bytes: int | None = Field(default=None, gt=0)
+    # The plan's check of the three above with expected_process_bytes (cohost.plan.sharing).
+    mps_share_check: str | None = None
     # Where the MPS control daemon listens: the same directory for the daemon and every
     # client (CUDA's own variable and default).
     mps_pipe_directory: Path = Field(
@@ -68,7 +70,12 @@ class EngineSettings(BaseSettings):
         """The MPS settings a plan that shares through MPS must give (field names)."""
         if self.sharing != "mps":
             return []
-        fields = ("mps_active_thread_percentage", "mps_client_priority", "mps_pinned_memory_bytes")
+        fields = (
+            "mps_active_thread_percentage",
+            "mps_client_priority",
+            "mps_pinned_memory_bytes",
+            "mps_share_check",
+        )
         return [name for name in fields if getattr(self, name) is None]
 
 

@@ -22,8 +22,10 @@ from cohost.plan import models, sharing
 from cohost.plan.fit import Plan, ServicePlan
 from cohost.units import MIB
 
-# A service's MPS share under its prefix: SM percentage, client priority, memory cap.
+# A service's MPS share under its prefix: SM percentage, client priority, memory cap; and
+# the check that ties them to the memory the plan sized (sharing.share_check).
 MPS_KEYS = ("MPS_ACTIVE_THREAD_PERCENTAGE", "MPS_CLIENT_PRIORITY", "MPS_PINNED_MEMORY_BYTES")
+MPS_CHECK_KEY = "MPS_SHARE_CHECK"
 _ENGINE_MODEL = re.compile(r"^(?P<svc>[A-Z][A-Z0-9_]*)_ENGINE_MODEL$")
 
 
@@ -50,6 +52,7 @@ def service_variables(s: ServicePlan) -> dict[str, str]:
     if s.mps is not None:
         share = (s.mps.sm_percent, s.mps.client_priority, s.mps.memory_limit_bytes)
         values.update(zip(MPS_KEYS, map(str, share), strict=True))
+        values[MPS_CHECK_KEY] = sharing.share_check(*share, fp.process)
     return {p + k: v for k, v in values.items()}
 
 

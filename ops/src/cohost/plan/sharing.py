@@ -15,10 +15,16 @@ at normal priority; each other service is a batch client with BATCH_SM_PERCENT o
 at low priority. Each server's memory cap is its planned memory plus an equal share of the
 plan's headroom, so a server that outgrows its plan fails alone, with an out-of-memory error,
 instead of taking the other's memory.
+
+A client's memory depends on its share of the SMs (a feedback server at 100% under a plan
+sized for 30% ran out of memory: docs/sharing.md), so a share is only ever what a plan sized.
+The plan writes a check of each server's share with the memory sized for it
+(`share_check`), and `cohost launch` refuses a share whose check does not match.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,3 +105,14 @@ def share(spec: ServiceSpec, index: int, memory_limit_bytes: int) -> MpsShare:
         priority=spec.priority or ("normal" if index == 0 else "low"),
         memory_limit_bytes=memory_limit_bytes // MIB * MIB,
     )
+
+
+def share_check(
+    sm_percent: int, client_priority: int, memory_limit_bytes: int, process_bytes: int | None
+) -> str:
+    """A short digest of an MPS share and the process memory the plan sized for it: the
+    plan writes it beside the share, the launcher recomputes it from what it was given."""
+    text = f"sm={sm_percent};priority={client_priority};limit={memory_limit_bytes};" + (
+        f"process={process_bytes}"
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

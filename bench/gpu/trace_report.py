@@ -1,0 +1,107 @@
+"""The tables of a trace run (bench/gpu/trace_run.py): `report.py trace RUN_DIR` prints them.
+
+Per profile and load: chat TTFT and TPOT p50/p99 under each sharing and preemption setting
+against chat alone with the same arrivals (alone without MPS where the run has it: the
+card's own speed), feedback tok/s, and the harvest: feedback tok/s over (feedback alone
+tok/s x the chat-idle fraction that load leaves, measured with chat alone). Feedback alone
+is likewise the time-slicing pair's where there is one (the whole card). A harvest above
+100% means feedback also made progress while chat was busy, not only in its idle time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _baseline(rows: list[dict[str, Any]], step: str, **match: Any) -> dict[str, Any] | None:
+    """The time-slicing pair's row if there is one, else the MPS pair's."""
+    found = [r for r in rows if r["step"] == step and all(r.get(k) == v for k, v in match.items())]
+    found.sort(key=lambda r: r["sharing"] != "time-slicing")
+    return found[0] if found else None
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None:
+        return "-"
+    if not base:
+        return f"{value:.1f}"
+    return f"{value:.1f} (x{value / base:.2f})"
+
+
+def print_tables(path: Path) -> None:
+    rows = _rows(path)
+    for r in rows:
+        if "error" in r:
+            print(f"- error in step {r['step']} ({r.get('profile')}, {r.get('sharing')}): "
+                  f"{r['error'].strip().splitlines()[-1]}")  # fmt: skip
+    for cap in (r for r in rows if r["step"] == "capacity"):
+        print(f"\n{cap['profile']}: capacity {cap['requests_per_s']:.2f} requests/s "
+              f"({cap['output_tokens_per_s']:,.0f} output tok/s, {cap['concurrency']} in "
+              f"flight, {cap['sharing']})")  # fmt: skip
+    profiles = sorted({r["profile"] for r in rows if r["step"] in ("shared", "chat_alone")})
+    for profile in profiles:
+        fb_alone = _baseline(rows, "feedback_alone", profile=profile)
+        solo = fb_alone["feedback"]["tokens_per_s"] if fb_alone else None
+        for r in rows:
+            if r["step"] == "feedback_alone" and r["profile"] == profile:
+                tok = r["feedback"]["tokens_per_s"]
+                print(f"\n{profile}: feedback alone, {r['sharing']}: {tok:,.0f} tok/s"
+                      + (" (the harvest's baseline)" if r is fb_alone else ""))  # fmt: skip
+        loads = sorted({r["load"] for r in rows if r.get("profile") == profile and "load" in r})
+        for load in loads:
+            alone = _baseline(rows, "chat_alone", profile=profile, load=load)
+            a = alone["chat"] if alone else {}
+            idle = a.get("idle_fraction")
+            print(f"\n**{profile}, chat at {load:.0%} of capacity**"
+                  + (f" (chat alone, {alone['sharing']}: {a['requests']} requests, "
+                     f"chat-idle {idle:.0%})" if alone else ""))  # fmt: skip
+            print("| sharing | preemption | chat TTFT p50 / p99 ms | chat TPOT p50 / p99 ms "
+                  "| chat errors | feedback tok/s | harvest |")  # fmt: skip
+            print("|---|---|---|---|---|---|---|")
+            for r in rows:
+                if r.get("profile") != profile or r.get("load") != load:
+                    continue
+                if r["step"] == "chat_alone":
+                    print(_line(r, f"chat alone ({r['sharing']})", "-", a, None, None))
+                elif r["step"] == "shared":
+                    preempt = "on" if r["preempt"] else "off"
+                    if r["preempt"] and not r["worker"]["has_preemption"]:
+                        preempt = "on (worker without preemption: chat-first)"
+                    print(_line(r, r["sharing"], preempt, a, solo, idle))
+    faults = [r for r in rows if r["step"] == "fault" and "error" not in r]
+    if faults:
+        print("\n| profile, sharing | faulting process exit | engines | chat errors (window s) "
+              "| feedback answered / lost |")  # fmt: skip
+        print("|---|---|---|---|---|")
+    for r in faults:
+        engines = r.get("engines", {})
+        back = ", ".join(
+            f"{n}: exited {e['exited_after_s']} s, healthy {e.get('healthy_after_s')} s"
+            for n, e in engines.items() if isinstance(e, dict) and "exited_after_s" in e
+        ) or f"none exited (checked {engines.get('checked_for_s')} s)"  # fmt: skip
+        window = (f"{r['chat_errors']} ({r['chat_errors_from_s']}-{r['chat_errors_until_s']})"
+                  if r["chat_errors"] else "0")  # fmt: skip
+        fb = r["feedback"]
+        print(
+            f"| {r['profile']}, {r['sharing']} | {r.get('faulter_exit')} | {back} | {window} "
+            f"| {fb['answered']} of {fb['requests']} / {fb['lost']} |"
+        )
+
+
+def _line(
+    r: dict[str, Any], label: str, preempt: str, alone: dict[str, Any], solo: float | None,
+    idle: float | None,
+) -> str:  # fmt: skip
+    c = r["chat"]
+    ttft = f"{_ratio(c['ttft_ms_p50'], alone.get('ttft_ms_p50'))} / {_ratio(c['ttft_ms_p99'], alone.get('ttft_ms_p99'))}"
+    tpot = f"{_ratio(c['tpot_ms_p50'], alone.get('tpot_ms_p50'))} / {_ratio(c['tpot_ms_p99'], alone.get('tpot_ms_p99'))}"
+    fb = r.get("feedback")
+    tok = f"{fb['tokens_per_s']:,.0f}" if fb else "-"
+    harvest = f"{fb['tokens_per_s'] / (solo * idle):.0%}" if fb and solo and idle else "-"
+    return f"| {label} | {preempt} | {ttft} | {tpot} | {c['errors']} of {c['requests']} | {tok} | {harvest} |"
