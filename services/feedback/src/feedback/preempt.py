@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class ChatWatch:
     def __init__(self, busy_threshold: int) -> None:
         self.busy_threshold = busy_threshold
         self.busy = False
+        self.busy_since: float | None = None  # monotonic, when chat was last seen busy
         self._idle = asyncio.Event()
         self._idle.set()
         self._armed: set[asyncio.Future[None]] = set()
@@ -59,6 +61,7 @@ class ChatWatch:
         metrics.CHAT_BUSY.set(int(busy))
         log.debug("chat_busy" if busy else "chat_idle", chat_load=load)
         if busy:
+            self.busy_since = time.monotonic()
             self._idle.clear()
             for stop in self._armed:
                 if not stop.done():
@@ -100,6 +103,7 @@ class Answer:
     # Tokens kept before the current call, and that call's own count from the engine.
     before: int = 0
     counted: int | None = None
+    stopped_at: float = 0.0  # monotonic, when its last preempted call's stream was closed
 
     def add(self, chunk: stream.Chunk) -> None:
         if self.prompt_ids is None and chunk.prompt_token_ids is not None:
@@ -147,7 +151,13 @@ class Preempter:
             preempted = True
             dropped = await self._cut(answer)
             metrics.PREEMPTIONS.inc()
-            log.info("preempted", tokens=len(answer.ids), dropped=dropped)
+            since = self._since(answer)
+            log.info("preempted", tokens=len(answer.ids), dropped=dropped, after_busy_ms=since)
+
+    def _since(self, answer: Answer) -> float | None:
+        """Milliseconds from chat seen busy to this call's stream closed (the abort)."""
+        since = self._watch.busy_since
+        return round((answer.stopped_at - since) * 1000, 2) if since is not None else None
 
     async def _pause(self, preempted: bool, answer: Answer) -> None:
         """Wait for idle chat; a preempted answer counts as paused meanwhile."""
@@ -184,6 +194,7 @@ class Preempter:
                 consumer.cancel()  # closes the stream: vLLM aborts the request
                 with contextlib.suppress(asyncio.CancelledError):
                     await consumer
+                answer.stopped_at = time.monotonic()
         if consumer.cancelled():
             return False
         consumer.result()  # raises what the call raised
