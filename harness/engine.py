@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 from cohost.cpu_engine import server
@@ -18,9 +17,7 @@ SERVED_NAME = "feedback"
 class CpuServer:
     """One CPU vLLM server serving `SERVED_NAME`, with its log in a file."""
 
-    def __init__(
-        self, model_dir: Path, port: int, log_path: Path, extra_args: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, model_dir: Path, port: int, log_path: Path) -> None:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}/v1"
         argv = server.server_command(
@@ -29,7 +26,6 @@ class CpuServer:
             served_model_name=SERVED_NAME,
             max_model_len=ENGINE_MAX_MODEL_LEN,
             max_num_seqs=ENGINE_MAX_NUM_SEQS,
-            extra_args=extra_args,
         )
         self.child = Child("engine", argv, log_path=log_path, env=server.server_env())
 
