@@ -1,6 +1,6 @@
 """How fast does the worker give the GPU back when a chat request arrives?
 
-    uv run python bench/preempt_signal.py [--trials 20] [--poll-s 0.02] [--in-flight 8]
+    uv run python -m bench.preempt_signal [--trials 20] [--poll-s 0.02] [--in-flight 8]
         [--chat-url http://127.0.0.1:PORT/v1 --feedback-url http://127.0.0.1:PORT/v1]
 
 Starts two CPU vLLM servers with tiny-llama (the chatbot and the feedback engine; or uses
@@ -78,11 +78,13 @@ def stats(name: str, values: list[float]) -> str:
 
 def engine_idle_after(root: str, sent: float, timeout: float = 5.0) -> float | None:
     """Seconds from `sent` until the engine's running gauge reads 0."""
-    with httpx.Client(timeout=1.0) as client:
+    with httpx.Client(timeout=timeout) as client:
         while time.monotonic() - sent < timeout:
-            running = Metrics.parse(client.get(f"{root}/metrics").text, (VLLM_RUNNING,)).value(
-                VLLM_RUNNING
-            )
+            try:
+                text = client.get(f"{root}/metrics").text
+            except httpx.HTTPError:
+                return None
+            running = Metrics.parse(text, (VLLM_RUNNING,)).value(VLLM_RUNNING)
             if running == 0:
                 return time.monotonic() - sent
             time.sleep(0.005)
