@@ -20,6 +20,7 @@ time, then ramps up as if idle (a dead chatbot needs no protection).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,9 +94,21 @@ class ChatFirst:
             log.info("concurrency_limit", limit=limit, chat_load=load)
 
 
+class _QuietPolls(logging.Filter):
+    """Drops httpx2's INFO line for each poll: at 20 ms they would be most of the log."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._url not in record.getMessage()
+
+
 async def poll_load(url: str, poll_s: float, on_load: Callable[[int | None], None]) -> None:
     """Read the chatbot's load every `poll_s` and hand it to `on_load` (None while the
     page cannot be read), until cancelled. Shared by chat-first and preemption."""
+    logging.getLogger("httpx2").addFilter(_QuietPolls(url))
     unreadable = False
     async with httpx2.AsyncClient(timeout=max(poll_s, 1.0)) as client:
         while True:
