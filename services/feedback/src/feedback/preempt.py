@@ -181,8 +181,13 @@ class Preempter:
         stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def on_chunk() -> None:
-            # Preemptible once the prompt's ids are known and a resumed call made progress.
-            if answer.prompt_ids is not None and len(answer.ids) - start >= min_tokens:
+            # Preemptible once the prompt's ids are known and a resumed call made progress;
+            # never once finished (only the usage chunk is still to come).
+            if (
+                answer.finish_reason is None
+                and answer.prompt_ids is not None
+                and len(answer.ids) - start >= min_tokens
+            ):
                 self._watch.arm(stop)
 
         consumer = asyncio.create_task(_consume(chunks, answer, on_chunk))
@@ -196,7 +201,9 @@ class Preempter:
                     await consumer
                 answer.stopped_at = time.monotonic()
         if consumer.cancelled():
-            return False
+            # Stopped between the finish and the usage chunk: finished all the same (its
+            # count then comes from the ids).
+            return answer.finish_reason is not None
         consumer.result()  # raises what the call raised
         if answer.finish_reason is None:
             raise EngineUnavailable("the engine's stream ended without a finish reason")
