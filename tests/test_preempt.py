@@ -163,7 +163,7 @@ def _top(server: CpuServer, prompt: list[int], k: int = 5) -> dict[int, float]:
 
 @pytest.mark.engine
 def test_preempted_answers_equal_uninterrupted_ones_token_for_token(smollm2: CpuServer) -> None:
-    """Token for token up to the first exact tie the engine breaks differently, if any.
+    """Token for token up to the first tie the engine breaks differently, if any.
 
     SmolLM2's logits come in coarse steps (bfloat16), so two tokens often tie or lie one
     step apart; the prompt a resumed call prefills in one pass and the decode steps of an
