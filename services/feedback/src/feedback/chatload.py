@@ -20,7 +20,9 @@ time, then ramps up as if idle (a dead chatbot needs no protection).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx2
@@ -69,38 +71,59 @@ class ChatFirst:
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings, limiter: Limiter) -> ChatFirst | None:
-        if not settings.chat_metrics_url:
-            return None
+        if not settings.chat_metrics_url or settings.preempting():
+            return None  # preemption (feedback/preempt.py) replaces the limit policy
         policy = Policy(
             full=settings.max_in_flight,
             floor=settings.busy_in_flight,
             busy_threshold=settings.chat_busy_threshold,
             idle_hold_s=settings.chat_idle_hold_s,
         )
-        return cls(settings.chat_metrics_url, limiter, policy, settings.chat_poll_s)
+        return cls(settings.chat_metrics_url, limiter, policy, settings.chat_poll_interval())
 
     async def run(self) -> None:
         log.info("chat_first_on", url=self._url, full=self._policy.full, floor=self._policy.floor)
-        unreadable = False
-        async with httpx2.AsyncClient(timeout=max(self._poll_s, 1.0)) as client:
-            while True:
-                load: int | None
-                try:
-                    response = await client.get(self._url)
-                    response.raise_for_status()
-                    load = chat_load(response.text)
-                    if unreadable:
-                        log.info("chat_metrics_readable")
-                    unreadable = False
-                except httpx2.HTTPError as exc:
-                    load = None
-                    if not unreadable:
-                        log.warning("chat_metrics_unreadable", error=str(exc))
-                    unreadable = True
-                current = self._limiter.limit
-                limit = self._policy.next_limit(current, load, time.monotonic())
-                if limit != current:
-                    self._limiter.set_limit(limit)
-                    metrics.CONCURRENCY_LIMIT.set(limit)
-                    log.info("concurrency_limit", limit=limit, chat_load=load)
-                await asyncio.sleep(self._poll_s)
+        await poll_load(self._url, self._poll_s, self._apply)
+
+    def _apply(self, load: int | None) -> None:
+        current = self._limiter.limit
+        limit = self._policy.next_limit(current, load, time.monotonic())
+        if limit != current:
+            self._limiter.set_limit(limit)
+            metrics.CONCURRENCY_LIMIT.set(limit)
+            log.info("concurrency_limit", limit=limit, chat_load=load)
+
+
+class _QuietPolls(logging.Filter):
+    """Drops httpx2's INFO line for each poll: at 20 ms they would be most of the log."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._url not in record.getMessage()
+
+
+async def poll_load(url: str, poll_s: float, on_load: Callable[[int | None], None]) -> None:
+    """Read the chatbot's load every `poll_s` and hand it to `on_load` (None while the
+    page cannot be read), until cancelled. Shared by chat-first and preemption."""
+    logging.getLogger("httpx2").addFilter(_QuietPolls(url))
+    unreadable = False
+    async with httpx2.AsyncClient(timeout=max(poll_s, 1.0)) as client:
+        while True:
+            load: int | None
+            try:
+                response = await client.get(url)
+                response.raise_for_status()
+                load = chat_load(response.text)
+                if unreadable:
+                    log.info("chat_metrics_readable")
+                unreadable = False
+            except httpx2.HTTPError as exc:
+                load = None
+                if not unreadable:
+                    log.warning("chat_metrics_unreadable", error=str(exc))
+                unreadable = True
+            on_load(load)
+            await asyncio.sleep(poll_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,11 @@ class Completion:
     model: str
     prompt_tokens: int
     completion_tokens: int
+    # The answer's token ids, where the call asked for them (preemption does).
+    token_ids: tuple[int, ...] | None = None
+
+
+Create = Callable[[list[dict[str, str]], int], Awaitable[Completion]]
 
 
 def sampling_args(settings: WorkerSettings) -> dict[str, Any]:
@@ -127,12 +133,20 @@ class EngineClient:
                 f"(at most {per_token} characters per token); not sent to the engine",
             )
 
-    async def complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
-        """One chat completion. If the prompt fits but prompt + max_tokens does not, the
-        answer is shortened to the room left (vLLM 0.26 rejects such requests where
-        newer versions cap them; doing it here behaves the same on both)."""
+    @property
+    def openai(self) -> openai.AsyncOpenAI:
+        return self._client
+
+    async def complete(
+        self, messages: list[dict[str, str]], max_tokens: int, create: Create | None = None
+    ) -> Completion:
+        """One chat completion (`create`, default one plain call). If the prompt fits but
+        prompt + max_tokens does not, the answer is shortened to the room left (vLLM 0.26
+        rejects such requests where newer versions cap them; doing it here behaves the
+        same on both)."""
+        create = create or self._create
         try:
-            return await self._create(messages, max_tokens)
+            return await create(messages, max_tokens)
         except InvalidRequest as exc:
             if exc.reason is not Reason.TEXT_TOO_LONG:
                 raise
@@ -140,7 +154,18 @@ class EngineClient:
             if room is None or room >= max_tokens or room < min(MIN_ANSWER_TOKENS, max_tokens):
                 raise
             log.info("max_tokens_capped", requested=max_tokens, capped=room)
-            return await self._create(messages, room)
+            return await create(messages, room)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The engine's text for `token_ids` (vLLM's /detokenize)."""
+        try:
+            response = await self._http.post(
+                "/detokenize", json={"model": self._settings.llm_model, "tokens": token_ids}
+            )
+            response.raise_for_status()
+            return str(response.json()["prompt"])
+        except (httpx2.HTTPError, KeyError, TypeError, ValueError) as exc:
+            raise EngineUnavailable(f"detokenize failed: {type(exc).__name__}: {exc}") from exc
 
     async def _room_for_answer(self, messages: list[dict[str, str]]) -> int | None:
         """max-model-len minus the prompt's tokens, from the engine's /tokenize."""

@@ -38,6 +38,7 @@ from tenacity import (
 from feedback import metrics
 from feedback.engine import Completion, EngineClient, EngineUnavailable
 from feedback.limiter import Limiter
+from feedback.preempt import Preempter
 from feedback.prompts import build_messages
 from feedback.settings import WorkerSettings
 
@@ -73,12 +74,18 @@ class Outcome(StrEnum):
 
 class Processor:
     def __init__(
-        self, settings: WorkerSettings, engine: EngineClient, sink: Sink, limiter: Limiter
+        self,
+        settings: WorkerSettings,
+        engine: EngineClient,
+        sink: Sink,
+        limiter: Limiter,
+        preempter: Preempter | None = None,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._sink = sink
         self._limiter = limiter
+        self._complete = preempter.complete if preempter else engine.complete
 
     async def handle(self, delivery: Delivery) -> Outcome:
         started = time.monotonic()
@@ -167,7 +174,7 @@ class Processor:
         async for attempt in retrying:
             with attempt:
                 try:
-                    return await self._engine.complete(messages, max_tokens)
+                    return await self._complete(messages, max_tokens)
                 except EngineUnavailable:
                     metrics.ENGINE_ERRORS.labels("unavailable").inc()
                     raise

@@ -16,6 +16,16 @@ IN_FLIGHT = Gauge("feedback_in_flight", "Requests being processed now")
 CONCURRENCY_LIMIT = Gauge(
     "feedback_concurrency_limit", "Engine calls allowed at once now (chat-first sharing)"
 )
+PREEMPTIONS = Counter(
+    "feedback_preemptions_total", "Engine calls stopped mid-answer because chat was busy"
+)
+RESUMES = Counter("feedback_resumes_total", "Preempted answers continued from their tokens")
+PREEMPT_DROPPED_TOKENS = Counter(
+    "feedback_preempt_dropped_tokens_total",
+    "Tokens dropped at a preemption because they ended inside a character",
+)
+PAUSED = Gauge("feedback_paused", "Preempted answers waiting for chat to go idle")
+CHAT_BUSY = Gauge("feedback_chat_busy", "1 while the chatbot counts as busy (preemption)")
 LATENCY = Histogram(
     "feedback_latency_seconds",
     "Receipt to ack of answered requests",
