@@ -221,7 +221,12 @@ def build_project(b: Builder, args: dict[str, str], *, cpu: bool) -> None:
     if cpu:
         b.build(VLLM_CPU, ROOT / "services/vllm-cpu/Dockerfile", _vllm_cpu_context(b), worker_args)
         engine_args["VLLM_IMAGE"] = VLLM_CPU
-    b.build(f"cohost/engine:{TAG}", ROOT / "services/chatbot/Dockerfile", ROOT, engine_args)
+    b.build(engine_tag(cpu), ROOT / "services/chatbot/Dockerfile", ROOT, engine_args)
+
+
+def engine_tag(cpu: bool) -> str:
+    """As compose names it: cohost/engine, or cohost/engine-cpu in compose.cpu.yml."""
+    return f"cohost/engine{'-cpu' if cpu else ''}:{TAG}"
 
 
 def image_sizes(tags: list[str]) -> dict[str, int]:
@@ -247,8 +252,8 @@ def run(*, standins: bool, cpu: bool, report: Path | None = None) -> int:
         print(f"error: {exc}", flush=True)
         return 1
     total = round(time.monotonic() - started, 1)
-    tags = [f"cohost/{name}:{TAG}" for name in ("feedback-worker", "pubsub-emulator", "engine")]
-    sizes = image_sizes([*tags, VLLM_CPU] if cpu else tags)
+    tags = [f"cohost/{name}:{TAG}" for name in ("feedback-worker", "pubsub-emulator")]
+    sizes = image_sizes([*tags, engine_tag(cpu), *([VLLM_CPU] if cpu else [])])
     for tag, size in sizes.items():
         b.log(f"{tag}: {size / 1e6:,.0f} MB")
     b.log(f"all built in {total} s")
