@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from cohost import nvml
-from cohost.launch import watchdog
+from cohost.launch import backoff, watchdog
 from cohost.launch.exits import EXIT_GATE_TIMEOUT, Refusal, say
 from cohost.launch.settings import EngineSettings
 from cohost.processes import http_ok
@@ -89,6 +89,8 @@ def keep_until_healthy(
     code = 0
     try:
         healthy = _release_when_healthy(fd, service, server_pid, port, timeout)
+        if healthy:
+            backoff.clear(service)
         if healthy and watchdog_s > 0:
             watchdog.watch(server_pid, service, port, watchdog_s)
     except BaseException:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 from pathlib import Path
 from typing import NoReturn
 
 from cohost import nvml
 from cohost.cpu_engine import server
-from cohost.launch import gate, mps, preflight, settings
+from cohost.launch import backoff, gate, mps, preflight, settings
 from cohost.launch.command import vllm_argv, vllm_env
 from cohost.launch.exits import EXIT_WRONG_GPU, Refusal, say
 from cohost.units import MIB
@@ -33,8 +32,7 @@ def run(service: str) -> NoReturn:
     try:
         planned = settings.load(service)
     except Refusal as refusal:
-        say(service, refusal.message)
-        sys.exit(refusal.code)
+        backoff.refuse(service, refusal)
     if planned.device == "cpu":
         run_cpu(service, planned)
     try:
@@ -56,8 +54,7 @@ def run(service: str) -> NoReturn:
             os.close(fd)
             raise
     except Refusal as refusal:
-        say(service, refusal.message)
-        sys.exit(refusal.code)
+        backoff.refuse(service, refusal)
     argv = vllm_argv(planned, service, util)
     env = mps.client_env(planned, vllm_env(planned, os.environ))
     say(service, mps.describe(planned, env))
@@ -77,8 +74,7 @@ def run_cpu(service: str, planned: settings.EngineSettings) -> NoReturn:
     try:
         fd = gate.take(service, planned, "cpu")
     except Refusal as refusal:
-        say(service, refusal.message)
-        sys.exit(refusal.code)
+        backoff.refuse(service, refusal)
     argv = server.server_command(
         Path(planned.model),
         port=planned.port,
