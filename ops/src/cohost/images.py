@@ -176,7 +176,8 @@ def _vllm_cpu_context(b: Builder) -> Path:
     wheels = context / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     freeze = subprocess.run(
-        pip(python, "freeze", "--exclude-editable"),
+        # --all: setuptools too (vLLM imports torch.utils.cpp_extension, which needs it).
+        pip(python, "freeze", "--all", "--exclude-editable"),
         capture_output=True,
         text=True,
         check=True,
@@ -184,19 +185,26 @@ def _vllm_cpu_context(b: Builder) -> Path:
     ).stdout
     pins = "".join(line + "\n" for line in freeze.splitlines() if "==" in line)
     # Kept between runs: pip downloads only what a new pin adds (the files stay the same,
-    # so BuildKit's context transfer sends only those too).
-    download = pip(python, "download", "--no-deps", "--progress-bar", "off")
-    subprocess.run(
-        [*download, "-d", str(wheels), "-r", "/dev/stdin"],
-        input=pins,
-        text=True,
-        check=True,
-        env=engine_env(),
-    )
-    (wheels / "requirements.txt").write_text(pins)
+    # so BuildKit's context transfer sends only those too), and nothing when no pin changed.
+    pinned = wheels / "requirements.txt"
+    if not pinned.exists() or pinned.read_text() != pins:
+        download = pip(python, "download", "--no-deps", "--progress-bar", "off")
+        subprocess.run(
+            [*download, "-d", str(wheels), "-r", "/dev/stdin"],
+            input=pins,
+            text=True,
+            check=True,
+            env=engine_env(),
+        )
+        pinned.write_text(pins)
     target = context / "models" / CPU_MODEL
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(model, target)
+    marker = ".cohost-model.json"
+    if (
+        not (target / marker).exists()
+        or (target / marker).read_text() != (model / marker).read_text()
+    ):
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(model, target)
     return context
 
 
