@@ -205,6 +205,10 @@ def _vllm_cpu_context(b: Builder) -> Path:
     ):
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(model, target)
+        # COPY keeps the modes: the engines run as UID 10001, and the cache's files may be
+        # the owner's only.
+        for path in [target, *target.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
     return context
 
 
