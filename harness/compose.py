@@ -115,8 +115,10 @@ class Stack:
             raise AssertionError(f"compose up failed:\n{result.stderr[-3000:]}")
         return time.monotonic() - started
 
-    def down(self) -> None:
-        result = self.compose("down", "--remove-orphans", "--timeout", "60", timeout=300)
+    def down(self, *, volumes: bool = False) -> None:
+        """`down`; with `volumes`, the project's volumes too (a test's last `down`)."""
+        extra = ("--volumes",) if volumes else ()
+        result = self.compose("down", "--remove-orphans", "--timeout", "60", *extra, timeout=300)
         assert result.returncode == 0, result.stderr
 
     def save_logs(self, label: str) -> Path:

@@ -41,7 +41,7 @@ def stack(logs: Path) -> Iterator[Stack]:
         yield stack
     finally:
         stack.save_logs("final")
-        stack.down()
+        stack.down(volumes=True)
 
 
 @pytest.fixture
