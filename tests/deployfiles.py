@@ -22,10 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
 LOCAL = ROOT / "compose.local.yml"
+CPU = ROOT / "compose.cpu.yml"
 WORKER_DOCKERFILE = ROOT / "services" / "feedback" / "Dockerfile"
 ENGINE_DOCKERFILE = ROOT / "services" / "chatbot" / "Dockerfile"
-DOCKERFILES = [WORKER_DOCKERFILE, ENGINE_DOCKERFILE]
-ENV_FILES = sorted((ROOT / "deploy").glob("*.env"))
+EMULATOR_DOCKERFILE = ROOT / "services" / "pubsub-emulator" / "Dockerfile"
+VLLM_CPU_DOCKERFILE = ROOT / "services" / "vllm-cpu" / "Dockerfile"
+# The images built from the repository root (services/vllm-cpu has its own staged context).
+DOCKERFILES = [WORKER_DOCKERFILE, ENGINE_DOCKERFILE, EMULATOR_DOCKERFILE]
+STANDIN_DOCKERFILES = sorted((ROOT / "docker" / "standins").glob("*.Dockerfile"))
+# The CPU plan (cohost plan --cpu, for compose.cpu.yml); every other env file is a GPU's.
+CPU_ENV = ROOT / "deploy" / "cpu.env"
+ENV_FILES = sorted(p for p in (ROOT / "deploy").glob("*.env") if p != CPU_ENV)
 PROFILES = [path.stem for path in ENV_FILES]
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.26.0"
@@ -70,8 +77,34 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
     return INTERPOLATION.sub(one, text)
 
 
+@dataclass(frozen=True)
+class Tagged:
+    """Compose's `!reset` and `!override` in an override file, kept as written."""
+
+    tag: str
+    value: Any
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+def _tagged(loader: yaml.SafeLoader, node: yaml.Node) -> Tagged:
+    if isinstance(node, yaml.SequenceNode):
+        value: Any = loader.construct_sequence(node, deep=True)
+    elif isinstance(node, yaml.MappingNode):
+        value = loader.construct_mapping(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)  # type: ignore[arg-type]
+    return Tagged(node.tag, value)
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(_tag, _tagged)
+
+
 def load(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text())
+    data = yaml.load(path.read_text(), Loader=_ComposeLoader)  # noqa: S506 - a SafeLoader
     assert isinstance(data, dict)
     return data
 
@@ -86,6 +119,8 @@ def strings(node: Any) -> Iterator[str]:
     elif isinstance(node, list):
         for item in node:
             yield from strings(item)
+    elif isinstance(node, Tagged):
+        yield from strings(node.value)
 
 
 def environment(service: dict[str, Any]) -> dict[str, Any]:

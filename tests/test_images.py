@@ -1,6 +1,7 @@
-"""The two images, checked statically with the real tools (no Docker engine here).
+"""The images' Dockerfiles, checked statically with the real tools (tests/test_stack.py
+builds and runs them).
 
-- both Dockerfiles through hadolint; their bases pinned, their users not root;
+- every Dockerfile (and the stand-ins') through hadolint; bases pinned, users not root;
 - their build stages replayed: the COPY steps from a context filtered by .dockerignore,
   then their `uv sync` commands, into a scratch venv;
 - the locked environments: no GPU stack for the worker or the cohost tool, and the worker
@@ -29,9 +30,12 @@ from tests.deployfiles import (
     BIN,
     COMPOSE,
     DOCKERFILES,
+    EMULATOR_DOCKERFILE,
     ENGINE_DOCKERFILE,
     ENGINES,
     ROOT,
+    STANDIN_DOCKERFILES,
+    VLLM_CPU_DOCKERFILE,
     VLLM_IMAGE,
     WORKER_DOCKERFILE,
     build_context,
@@ -45,7 +49,11 @@ from tests.deployfiles import (
 GPU_STACK = ("torch", "vllm", "bitsandbytes", "triton", "xformers", "flashinfer", "nvidia-cu")
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize(
+    "path",
+    [*DOCKERFILES, VLLM_CPU_DOCKERFILE, *STANDIN_DOCKERFILES],
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
+)
 def test_dockerfile_lints_clean(path: Path) -> None:
     result = subprocess.run(
         [BIN / "hadolint", "--config", ROOT / ".hadolint.yaml", "--no-color", path],
@@ -65,12 +73,17 @@ def test_images_are_pinned() -> None:
     assert final.base == VLLM_IMAGE
     assert json.loads(final.all("ENTRYPOINT")[-1]) == ["/opt/cohost/bin/cohost", "launch"]
     assert {services[n]["command"][0] for n in ENGINES} == set(ENGINES.values())
-    for dockerfile in (engine, parse_dockerfile(WORKER_DOCKERFILE)):
-        for stage in dockerfile.stages:
+    for path in (*DOCKERFILES, VLLM_CPU_DOCKERFILE):
+        for stage in parse_dockerfile(path).stages:
+            if stage.name is None and stage.base in {s.name for s in parse_dockerfile(path).stages}:
+                continue
             assert re.search(r":[\w.-]*\d", stage.base), f"unpinned base {stage.base}"
             assert not stage.base.endswith(":latest")
-    emulator = services["pubsub-emulator"]["image"]
-    assert re.search(r":\d+\.\d+\.\d+-emulators$", emulator), emulator
+    # The emulator: Google's image, pinned, with the project's fix built on it.
+    emulator = parse_dockerfile(EMULATOR_DOCKERFILE)
+    assert re.search(r":\d+\.\d+\.\d+-emulators$", emulator.args["EMULATOR_IMAGE"])
+    built = services["pubsub-emulator"]["build"]["dockerfile"]
+    assert built == EMULATOR_DOCKERFILE.relative_to(ROOT).as_posix()
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -81,7 +94,9 @@ def test_images_run_as_a_non_root_user(path: Path) -> None:
     assert user not in {"root", "0"}
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize(
+    "path", [WORKER_DOCKERFILE, ENGINE_DOCKERFILE], ids=lambda p: p.relative_to(ROOT).as_posix()
+)
 def test_builds_install_from_the_lock(path: Path) -> None:
     syncs = [
         run_words(rest)

@@ -147,6 +147,31 @@ def test_refuses_another_card_unless_emulating(gpu_env: dict[str, str], tmp_path
     assert util == pytest.approx(11_000 / (81559 - 480), abs=1e-4)
 
 
+def test_refusals_in_a_row_back_off_and_a_healthy_start_would_reset_them(
+    gpu_env: dict[str, str],
+) -> None:
+    """Engines restart unless stopped (a crash must always come back), so a plan that can
+    never fit would restart in a tight loop: each refusal in a row of one container waits
+    longer before exiting, and says why."""
+    env = {k: v for k, v in gpu_env.items() if not k.startswith("CHATBOT_ENGINE_MAX")}
+    env["COHOST_REFUSAL_BACKOFF_S"] = "2"
+    took = []
+    for _ in range(3):
+        started = time.monotonic()
+        result = launch("chatbot", env)
+        took.append(time.monotonic() - started)
+        assert result.returncode == EXIT_CONFIG
+        assert "CHATBOT_ENGINE_MAX_MODEL_LEN" in result.stderr
+    # The waits, over what a start costs on this machine (the first one's time).
+    assert took[1] - took[0] > 1.5, took
+    assert took[2] - took[0] > 3.5, took
+    assert "refusal 3 in a row (exit 2): waiting 4 s" in result.stderr
+    assert "tight loop" in result.stderr
+    # Another container (another hostname) starts counting afresh: the count is per container.
+    counts = list(Path(gpu_env["COHOST_LOCK_DIR"]).glob("refusals-*-chatbot"))
+    assert [p.read_text() for p in counts] == ["3"]
+
+
 def test_missing_plan_names_the_variables(gpu_env: dict[str, str]) -> None:
     env = {k: v for k, v in gpu_env.items() if not k.startswith("CHATBOT_ENGINE_MAX")}
     result = launch("chatbot", env)

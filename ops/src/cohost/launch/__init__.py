@@ -7,4 +7,5 @@ mps        vLLM as an MPS client with its share, or kept out of MPS under time-s
 watchdog   once healthy: kill a server that stopped answering, so its container restarts
 command    the vLLM command line and environment
 exits      exit codes, refusals and the launcher's notes on stderr
+backoff    waiting longer after each refusal in a row, so restarts never loop tightly
 """

@@ -16,16 +16,20 @@ import time
 from pathlib import Path
 
 from cohost import nvml
-from cohost.launch import watchdog
+from cohost.launch import backoff, watchdog
 from cohost.launch.exits import EXIT_GATE_TIMEOUT, Refusal, say
 from cohost.launch.settings import EngineSettings
 from cohost.processes import http_ok
 
 
-def take(service: str, settings: EngineSettings, reading: nvml.GpuReading) -> int:
-    """Block until this GPU's start gate is ours; returns the locked file descriptor."""
+def name_of(reading: nvml.GpuReading) -> str:
+    """The gate's name for a GPU: its UUID, the same in every container that sees it."""
+    return reading.uuid or f"gpu{reading.index}"
+
+
+def take(service: str, settings: EngineSettings, name: str) -> int:
+    """Block until start gate `name` is ours; returns the locked file descriptor."""
     settings.lock_dir.mkdir(parents=True, exist_ok=True)
-    name = reading.uuid or f"gpu{reading.index}"
     path = settings.lock_dir / f"{name}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     started = time.monotonic()
@@ -85,6 +89,8 @@ def keep_until_healthy(
     code = 0
     try:
         healthy = _release_when_healthy(fd, service, server_pid, port, timeout)
+        if healthy:
+            backoff.clear(service)
         if healthy and watchdog_s > 0:
             watchdog.watch(server_pid, service, port, watchdog_s)
     except BaseException:

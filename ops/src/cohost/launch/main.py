@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
+from pathlib import Path
 from typing import NoReturn
 
 from cohost import nvml
-from cohost.launch import gate, mps, preflight, settings
+from cohost.cpu_engine import server
+from cohost.launch import backoff, gate, mps, preflight, settings
 from cohost.launch.command import vllm_argv, vllm_env
 from cohost.launch.exits import EXIT_WRONG_GPU, Refusal, say
 from cohost.units import MIB
@@ -30,6 +31,11 @@ from cohost.units import MIB
 def run(service: str) -> NoReturn:
     try:
         planned = settings.load(service)
+    except Refusal as refusal:
+        backoff.refuse(service, refusal)
+    if planned.device == "cpu":
+        run_cpu(service, planned)
+    try:
         try:
             reading = nvml.read(planned.gpu_index)
         except nvml.NvmlError as exc:
@@ -39,7 +45,7 @@ def run(service: str) -> NoReturn:
         preflight.check_mps_share(service, planned)
         if planned.sharing == "mps":
             mps.wait_for_daemon(service, planned)
-        fd = gate.take(service, planned, reading)
+        fd = gate.take(service, planned, gate.name_of(reading))
         # Read again: what was free before the gate is stale once the server before us is up.
         reading = nvml.read(planned.gpu_index)
         util = preflight.utilization(planned, reading)
@@ -49,8 +55,7 @@ def run(service: str) -> NoReturn:
             os.close(fd)
             raise
     except Refusal as refusal:
-        say(service, refusal.message)
-        sys.exit(refusal.code)
+        backoff.refuse(service, refusal)
     argv = vllm_argv(planned, service, util)
     env = mps.client_env(planned, vllm_env(planned, os.environ))
     say(service, mps.describe(planned, env))
@@ -59,6 +64,33 @@ def run(service: str) -> NoReturn:
         f"GPU {reading.name}: {reading.free_bytes // MIB:,} MiB free; util {util:.4f} of "
         f"{reading.cuda_total_bytes // MIB:,} MiB; starting: {shlex.join(argv)}",
     )
+    gate.keep_until_healthy(fd, service, planned.port, planned.health_timeout_s, planned.watchdog_s)
+    os.close(fd)
+    os.execvpe(argv[0], argv, env)
+
+
+def run_cpu(service: str, planned: settings.EngineSettings) -> NoReturn:
+    """A CPU plan (cohost.plan.cpu): no GPU to check; one server starts at a time all the
+    same (two loading at once share the cores), and the watchdog runs as on a GPU."""
+    try:
+        fd = gate.take(service, planned, "cpu")
+    except Refusal as refusal:
+        backoff.refuse(service, refusal)
+    argv = server.server_command(
+        Path(planned.model),
+        port=planned.port,
+        served_model_name=planned.served_model_name or service,
+        host=planned.host,
+        max_model_len=planned.max_model_len,
+        max_num_seqs=planned.max_num_seqs,
+        python="python3",
+        extra_args=shlex.split(planned.extra_args),
+    )
+    if planned.chat_template:
+        argv += ["--chat-template", planned.chat_template]
+    env = vllm_env(planned, server.server_env(os.environ, kv_cache_gib=planned.cpu_kvcache_gib))
+    kv = planned.cpu_kvcache_gib
+    say(service, f"CPU engine, KV cache {kv} GiB; starting: {shlex.join(argv)}")
     gate.keep_until_healthy(fd, service, planned.port, planned.health_timeout_s, planned.watchdog_s)
     os.close(fd)
     os.execvpe(argv[0], argv, env)

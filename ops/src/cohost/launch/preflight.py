@@ -35,6 +35,7 @@ def check_card(settings: EngineSettings, reading: nvml.GpuReading) -> None:
 def utilization(settings: EngineSettings, reading: nvml.GpuReading) -> float:
     """The planned budget as a fraction of THIS card's CUDA total (vLLM's denominator)."""
     if settings.budget_bytes is None:
+        assert settings.gpu_memory_utilization is not None  # settings.load checks it on a GPU
         return settings.gpu_memory_utilization
     return memory.utilization(settings.budget_bytes, reading.cuda_total_bytes)
 

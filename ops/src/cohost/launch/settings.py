@@ -4,6 +4,7 @@ every launcher of a GPU."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from cohost_shared.settings import env_errors
 from pydantic import Field, SecretStr, ValidationError
@@ -24,7 +25,8 @@ class EngineSettings(BaseSettings):
     host: str = "0.0.0.0"  # noqa: S104 - the server is reached from other containers
     port: int = Field(default=8000, ge=1, le=65535)
     api_key: SecretStr | None = None
-    gpu_memory_utilization: float = Field(gt=0, le=1)
+    # Required on a GPU (load() says so); a CPU plan has none.
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     kv_cache_memory_bytes: int | None = Field(default=None, gt=0)
     budget_bytes: int | None = Field(default=None, gt=0)
     expected_process_bytes: int | None = Field(default=None, gt=0)
@@ -66,6 +68,11 @@ class EngineSettings(BaseSettings):
     # Once healthy: kill the server when /health stays silent this long (0: no watchdog).
     watchdog_s: float = Field(default=60.0, ge=0, validation_alias="COHOST_WATCHDOG_S")
 
+    # A plan for vLLM's CPU engine (cohost.plan.cpu) sets COHOST_DEVICE=cpu and the KV cache
+    # in RAM; the launcher then checks no GPU and starts the CPU engine.
+    device: Literal["gpu", "cpu"] = Field(default="gpu", validation_alias="COHOST_DEVICE")
+    cpu_kvcache_gib: int = Field(default=1, ge=1)
+
     def missing_mps_shares(self) -> list[str]:
         """The MPS settings a plan that shares through MPS must give (field names)."""
         if self.sharing != "mps":
@@ -85,6 +92,8 @@ def load(service: str) -> EngineSettings:
         settings = EngineSettings(_env_prefix=p)  # type: ignore[call-arg]
     except ValidationError as exc:
         raise _invalid(service, env_errors(exc, p)) from None
+    if settings.device == "gpu" and settings.gpu_memory_utilization is None:
+        raise _invalid(service, [f"  {p}GPU_MEMORY_UTILIZATION: Field required"])
     missing = settings.missing_mps_shares()
     if missing:
         lines = [f"  {(p + name).upper()}: required when COHOST_SHARING=mps" for name in missing]
