@@ -399,6 +399,9 @@ def test_refuses_a_share_its_plan_did_not_size(mps_env: dict[str, str], tmp_path
         **plan,
         "COHOST_FAKE_NVML": str(fake),
         "FEEDBACK_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
+        # Three refusals in a row of one container: no backoff between them here (it has
+        # its own test), or the third would wait 60 s before exiting.
+        "COHOST_REFUSAL_BACKOFF_S": "0",
     }
     with FakeMpsDaemon(tmp_path / "mps"):
         planned = launch("feedback", env)
