@@ -14,7 +14,7 @@ Preemption (`feedback.preempt`) needs three things the one-shot chat call does n
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,56 +42,88 @@ class Chunk:
     model: str = ""
 
 
-def _extra_body(settings: WorkerSettings) -> dict[str, Any]:
-    extra: dict[str, Any] = sampling_args(settings)["extra_body"]
-    return {**extra, "return_token_ids": True}
+def _request_args(settings: WorkerSettings, max_tokens: int) -> dict[str, Any]:
+    """What both streamed calls send: the worker's sampling, with token ids and usage."""
+    sampling = sampling_args(settings)
+    return {
+        **sampling,
+        "model": settings.llm_model,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "extra_body": {**sampling["extra_body"], "return_token_ids": True},
+    }
 
 
 def _ids(value: object) -> list[int] | None:
     return [int(i) for i in value] if isinstance(value, list) else None
 
 
-async def chat(
-    client: openai.AsyncOpenAI,
-    settings: WorkerSettings,
-    messages: list[dict[str, str]],
-    max_tokens: int,
+async def _chunks(
+    start: Callable[[], Awaitable[Any]], to_chunk: Callable[[Any], Chunk]
 ) -> AsyncGenerator[Chunk, None]:
-    """A streamed chat completion; closing the iterator aborts it in the engine."""
+    """Open a stream (its failures classified as the one-shot call's are), yield its
+    chunks, and close it however the caller leaves: the close is the abort."""
     try:
-        stream = await client.chat.completions.create(
-            model=settings.llm_model,
-            messages=cast("list[ChatCompletionMessageParam]", messages),
-            max_tokens=max_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body=_extra_body(settings),
-        )
+        stream = await start()
     except Exception as exc:
         raise classify(exc) from exc
     try:
         async for event in stream:
-            extra = event.model_extra or {}
-            usage = event.usage
-            choice = event.choices[0] if event.choices else None
-            yield Chunk(
-                token_ids=_ids((choice.model_extra or {}).get("token_ids")) or [] if choice else [],
-                text=(choice.delta.content or "") if choice else "",
-                prompt_token_ids=_ids(extra.get("prompt_token_ids")),
-                finish_reason=choice.finish_reason if choice else None,
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
-                model=event.model,
-            )
+            yield to_chunk(event)
     except (openai.APIError, httpx2.HTTPError) as exc:
         raise EngineUnavailable(f"stream broke: {type(exc).__name__}: {exc}") from exc
     finally:
         await stream.close()
 
 
-async def continuation(
+def _usage(event: Any) -> dict[str, Any]:
+    usage = event.usage
+    return {
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "model": event.model,
+    }
+
+
+def _chat_chunk(event: Any) -> Chunk:
+    choice = event.choices[0] if event.choices else None
+    return Chunk(
+        token_ids=_ids((choice.model_extra or {}).get("token_ids")) or [] if choice else [],
+        text=(choice.delta.content or "") if choice else "",
+        prompt_token_ids=_ids((event.model_extra or {}).get("prompt_token_ids")),
+        finish_reason=choice.finish_reason if choice else None,
+        **_usage(event),
+    )
+
+
+def _completion_chunk(event: Any) -> Chunk:
+    choice = event.choices[0] if event.choices else None
+    return Chunk(
+        token_ids=_ids((choice.model_extra or {}).get("token_ids")) or [] if choice else [],
+        text=choice.text if choice else "",
+        finish_reason=choice.finish_reason if choice else None,
+        **_usage(event),
+    )
+
+
+def chat(
+    client: openai.AsyncOpenAI,
+    settings: WorkerSettings,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+) -> AsyncGenerator[Chunk, None]:
+    """A streamed chat completion; closing the iterator aborts it in the engine."""
+    return _chunks(
+        lambda: client.chat.completions.create(
+            messages=cast("list[ChatCompletionMessageParam]", messages),
+            **_request_args(settings, max_tokens),
+        ),
+        _chat_chunk,
+    )
+
+
+def continuation(
     client: openai.AsyncOpenAI,
     settings: WorkerSettings,
     prompt_token_ids: list[int],
@@ -99,32 +131,9 @@ async def continuation(
 ) -> AsyncGenerator[Chunk, None]:
     """A streamed completion continuing `prompt_token_ids` (the chat prompt's ids plus
     what the answer has so far); closing the iterator aborts it in the engine."""
-    try:
-        stream = await client.completions.create(
-            model=settings.llm_model,
-            prompt=prompt_token_ids,
-            max_tokens=max_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body=_extra_body(settings),
-        )
-    except Exception as exc:
-        raise classify(exc) from exc
-    try:
-        async for event in stream:
-            usage = event.usage
-            choice = event.choices[0] if event.choices else None
-            yield Chunk(
-                token_ids=_ids((choice.model_extra or {}).get("token_ids")) or [] if choice else [],
-                text=choice.text if choice else "",
-                finish_reason=choice.finish_reason if choice else None,
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
-                model=event.model,
-            )
-    except (openai.APIError, httpx2.HTTPError) as exc:
-        raise EngineUnavailable(f"stream broke: {type(exc).__name__}: {exc}") from exc
-    finally:
-        await stream.close()
+    return _chunks(
+        lambda: client.completions.create(
+            prompt=prompt_token_ids, **_request_args(settings, max_tokens)
+        ),
+        _completion_chunk,
+    )
