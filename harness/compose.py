@@ -15,12 +15,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cohost.images import engine_tag
+from cohost.images import TAG, engine_tag
 from cohost.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("docker-compose.yml", "compose.local.yml", "compose.cpu.yml")
-IMAGES = ("cohost/feedback-worker:dev", "cohost/pubsub-emulator:dev", engine_tag(cpu=True))
+# As `cohost images --cpu` tags them: COHOST_IMAGE_TAG, else dev.
+IMAGES = (f"cohost/feedback-worker:{TAG}", f"cohost/pubsub-emulator:{TAG}", engine_tag(cpu=True))
 DOCKER = "docker"
 
 
@@ -36,8 +37,8 @@ def compose_binary() -> str:
     return str(Path(spec.origin).parent / "docker-compose")
 
 
-def engine_problem() -> str | None:
-    """Why no Docker engine can be used here, or None when one answers."""
+def engine_problem(images: tuple[str, ...] = IMAGES) -> str | None:
+    """Why no Docker engine (with `images` built) can be used here, or None when one answers."""
     try:
         result = subprocess.run(
             [DOCKER, "info", "--format", "{{.ServerVersion}}"],
@@ -52,7 +53,7 @@ def engine_problem() -> str | None:
         return f"no Docker engine answers (`docker info`: {result.stderr.strip()[:200]})"
     missing = [
         tag
-        for tag in IMAGES
+        for tag in images
         if subprocess.run(
             [DOCKER, "image", "inspect", tag], capture_output=True, check=False
         ).returncode
@@ -67,9 +68,12 @@ def engine_problem() -> str | None:
 
 @dataclass
 class Stack:
-    """One compose project of the CPU stack with the emulator (profile local)."""
+    """One compose project of the CPU stack with the emulator (profile local); `profile`
+    picks the plan (deploy/PROFILE.env), `overrides` are compose files added last."""
 
     logs: Path
+    profile: str = "cpu"
+    overrides: tuple[Path, ...] = ()
     name: str = field(default_factory=lambda: f"cohost-test-{uuid.uuid4().hex[:8]}")
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     chatbot_port: int = field(default_factory=free_port)
@@ -79,20 +83,20 @@ class Stack:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "COHOST_"))}
         env.update(
-            COHOST_PROFILE="cpu",
+            COHOST_PROFILE=self.profile,
             CHATBOT_API_KEY=self.key,
             CHATBOT_BIND="127.0.0.1",
             CHATBOT_HOST_PORT=str(self.chatbot_port),
             PUBSUB_EMULATOR_HOST_PORT=str(self.emulator_port),
             FEEDBACK_METRICS_HOST_PORT=str(self.metrics_port),
-            COHOST_IMAGE_TAG="dev",
+            COHOST_IMAGE_TAG=TAG,
         )
         return env
 
     def compose(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         argv = [compose_binary(), "--env-file", os.devnull, "-p", self.name, "--profile", "local"]
-        for f in FILES:
-            argv += ["-f", str(ROOT / f)]
+        for f in [*(ROOT / name for name in FILES), *self.overrides]:
+            argv += ["-f", str(f)]
         return subprocess.run(
             [*argv, *args],
             cwd=ROOT,

@@ -7,7 +7,9 @@ engine these tests are skipped with the reason; under CI (CI=true) that is a fai
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,8 +18,14 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import openai
 import pytest
+from cohost import nvml
+from cohost.images import engine_tag
+from cohost.launch.exits import EXIT_WRONG_GPU
+from cohost.processes import console_script, free_port
+from cohost.units import MIB
 
 from harness.compose import IMAGES, Stack, engine_problem
 from harness.pubsub import Collector, Project, Publisher
@@ -27,13 +35,17 @@ pytestmark = pytest.mark.docker
 LOCAL_PROJECT = "cohost-local"  # what pubsub-init creates (COHOST_LOCAL_PROJECT's default)
 
 
-@pytest.fixture(scope="module")
-def stack(logs: Path) -> Iterator[Stack]:
-    problem = engine_problem()
+def need_docker(images: tuple[str, ...] = IMAGES) -> None:
+    problem = engine_problem(images)
     if problem:
         if os.environ.get("CI"):
             pytest.fail(f"CI needs Docker: {problem}")
         pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def stack(logs: Path) -> Iterator[Stack]:
+    need_docker()
     stack = Stack(logs)
     try:
         took = stack.up()
@@ -159,3 +171,75 @@ def test_down_then_up_leaves_nothing_behind(stack: Stack) -> None:
     took = stack.up()
     print(f"compose up again -> every service ready: {took:.0f} s", file=sys.stderr)
     assert chat(stack).strip()
+
+
+def test_a_plan_that_can_never_start_restarts_slowly_and_says_why(
+    logs: Path, tmp_path: Path
+) -> None:
+    """The chatbot's own compose service (image, restart policy, published port) with the L4
+    plan on a smaller card (a Tesla T4, NVML faked by a file mounted in): its launcher
+    refuses before vLLM loads, every time. Docker restarts it more often than on-failure:3
+    would, each refusal in a row waits longer before exiting (COHOST_REFUSAL_BACKOFF_S=2:
+    0, 2, 4, 8, 16 s), and `cohost status` through the published port shows the refusal."""
+    need_docker((engine_tag(cpu=True),))
+    t4 = nvml.GpuReading(
+        index=0, name="Tesla T4", uuid="GPU-t4", total_bytes=15_360 * MIB,
+        reserved_bytes=254 * MIB, free_bytes=14_900 * MIB, used_bytes=206 * MIB, processes=[],
+    )  # fmt: skip
+    fake = tmp_path / "nvml.json"
+    fake.write_text(t4.to_json())
+    fake.chmod(0o644)  # the engine runs as UID 10001
+    override = tmp_path / "refusing.yml"
+    override.write_text(
+        "services:\n  chatbot:\n    environment:\n"
+        '      COHOST_REFUSAL_BACKOFF_S: "2"\n      COHOST_FAKE_NVML: /etc/cohost/nvml.json\n'
+        f"    volumes:\n      - {fake}:/etc/cohost/nvml.json:ro\n"
+    )
+    refused = Stack(logs, profile="l4", overrides=(override,))
+    url = f"http://127.0.0.1:{refused.chatbot_port}"
+    try:
+        up = refused.compose("up", "-d", "--no-deps", "--no-build", "--pull", "never", "chatbot")
+        assert up.returncode == 0, up.stderr
+        # Four restarts take 0 + 2 + 4 + 8 s of waits and five starts; the fifth run waits
+        # 16 s, and status is read then.
+        deadline = time.monotonic() + 90
+        while (restarts := refused.container("chatbot")["RestartCount"]) < 4:
+            assert isinstance(restarts, int)
+            assert time.monotonic() < deadline, f"{restarts} restarts in 90 s"
+            time.sleep(0.5)
+        while not _refusing(f"{url}/health", at_least=5):
+            assert time.monotonic() < deadline, "no refusal answered on the published port"
+            time.sleep(0.3)
+        status = subprocess.run(
+            [console_script("cohost"), "status", "--json", "--chatbot", url,
+             "--feedback", f"http://127.0.0.1:{free_port()}",
+             "--worker", f"http://127.0.0.1:{free_port()}", "--timeout", "5"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        info = refused.container("chatbot")
+        log = refused.compose("logs", "--no-color", "chatbot").stdout
+    finally:
+        refused.save_logs("refusing")
+        refused.down(volumes=True)
+    assert info["RestartCount"] > 3, "unless-stopped: on-failure:3 would have given up"
+    assert log.count("this GPU is Tesla T4 with 15,360 MiB, but the plan is for NVIDIA L4") >= 5
+    waits = [int(s) for s in re.findall(r"in a row \(exit 3\): waiting (\d+) s", log)]
+    assert waits[:4] == [2, 4, 8, 16], log[-3000:]
+    chatbot = json.loads(status.stdout)["checks"]["chatbot"]
+    assert chatbot["state"] == "down"
+    assert chatbot["summary"].startswith("refusing to start (exit 3): this GPU is Tesla T4")
+    details = chatbot["details"]["refused"]
+    assert details["code"] == EXIT_WRONG_GPU
+    assert details["refusals_in_a_row"] >= 5
+    assert details["exits_in_s"] > 0
+    assert "Re-plan for this card" in details["reason"]
+
+
+def _refusing(url: str, *, at_least: int) -> bool:
+    """Whether `url` answers with a refusal at least `at_least` in a row."""
+    try:
+        response = httpx2.get(url, timeout=2)
+        refused = response.json().get("refused") if response.status_code == 503 else None
+    except (httpx2.HTTPError, ValueError):
+        return False
+    return isinstance(refused, dict) and refused.get("refusals_in_a_row", 0) >= at_least

@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx2
 import psutil
 import pytest
 from cohost import nvml
@@ -34,7 +35,7 @@ from cohost.launch.exits import (
 )
 from cohost.launch.mps import NO_MPS_PIPE
 from cohost.plan import envfile, sharing
-from cohost.processes import Child, console_script, free_port, http_ok, log_contains
+from cohost.processes import Child, console_script, free_port, http_ok, log_contains, port_free
 from cohost.units import MIB
 
 from harness.launcher import recorded, recorder
@@ -66,6 +67,9 @@ def gpu_env(tmp_path: Path) -> dict[str, str]:
         **os.environ,
         "COHOST_FAKE_NVML": str(fake),
         "COHOST_LOCK_DIR": str(tmp_path / "locks"),
+        # A refusal that waits answers on the server's port: one of its own, not 8000.
+        "CHATBOT_ENGINE_HOST": "127.0.0.1",
+        "CHATBOT_ENGINE_PORT": str(free_port()),
         "COHOST_GPU_NAME": "NVIDIA L4",
         "COHOST_GPU_TOTAL_BYTES": str(L4_TOTAL),
         "CHATBOT_ENGINE_MODEL": "/models/chat",
@@ -167,9 +171,102 @@ def test_refusals_in_a_row_back_off_and_a_healthy_start_would_reset_them(
     assert took[2] - took[0] > 3.5, took
     assert "refusal 3 in a row (exit 2): waiting 4 s" in result.stderr
     assert "tight loop" in result.stderr
+    # An invalid plan still names its port: the wait is answered there.
+    assert f"answering on 127.0.0.1:{env['CHATBOT_ENGINE_PORT']} with 503" in result.stderr
     # Another container (another hostname) starts counting afresh: the count is per container.
     counts = list(Path(gpu_env["COHOST_LOCK_DIR"]).glob("refusals-*-chatbot"))
     assert [p.read_text() for p in counts] == ["3"]
+
+
+def _one_refusal_so_far(env: dict[str, str]) -> None:
+    """This container has been refused once already: the next refusal waits."""
+    locks = Path(env["COHOST_LOCK_DIR"])
+    locks.mkdir(exist_ok=True)
+    (locks / f"refusals-{socket.gethostname()}-chatbot").write_text("1")
+
+
+def test_a_refusal_waiting_to_exit_shows_in_cohost_status(
+    gpu_env: dict[str, str], tmp_path: Path
+) -> None:
+    """While a refused launcher waits out its backoff, the port its server would serve
+    answers 503 with the refusal: the real `cohost status` says why, how many refusals in a
+    row and when it exits. Then it exits with the refusal's code and the port is free."""
+    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(reading(free_mib=9000).to_json())
+    port = int(gpu_env["CHATBOT_ENGINE_PORT"])
+    env = {
+        **gpu_env,
+        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
+        "COHOST_REFUSAL_BACKOFF_S": "15",
+    }
+    _one_refusal_so_far(env)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [COHOST, "launch", "chatbot"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"http://127.0.0.1:{port}/health", 503):
+            assert proc.poll() is None, "exited before its wait"
+            assert time.monotonic() < deadline, "no answer on the server's port within 60 s"
+            time.sleep(0.2)
+        status = subprocess.run(
+            [COHOST, "status", "--json", "--chatbot", f"http://127.0.0.1:{port}/v1",
+             "--feedback", f"http://127.0.0.1:{free_port()}",
+             "--worker", f"http://127.0.0.1:{free_port()}", "--timeout", "5"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.poll() is None, "status was read while the launcher waited"
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    took = time.monotonic() - started
+    assert status.returncode == 1, status.stdout + status.stderr
+    chatbot = json.loads(status.stdout)["checks"]["chatbot"]
+    assert chatbot["state"] == "down"
+    refused = chatbot["details"]["refused"]
+    assert refused["service"] == "chatbot"
+    assert refused["code"] == EXIT_NO_MEMORY
+    assert refused["refusals_in_a_row"] == 2
+    assert "9,000 MiB free" in refused["reason"]
+    assert "pid    4242" in refused["reason"]
+    assert 0 < refused["exits_in_s"] < 15
+    assert refused["wait_s"] == 15
+    assert refused["next_wait_s"] == 30
+    assert "--force-recreate" in refused["fix"]
+    summary = chatbot["summary"]
+    assert summary.startswith("refusing to start (exit 5): GPU 0 (NVIDIA L4) has 9,000 MiB")
+    assert "refusal 2 in a row, exits in " in summary
+    # Then it exits with the refusal's code, after the whole wait, and lets go of the port.
+    assert proc.returncode == EXIT_NO_MEMORY, err
+    assert took >= 15
+    assert f"answering on 127.0.0.1:{port} with 503" in err
+    assert port_free("127.0.0.1", port)
+    assert not (tmp_path / "started.json").exists()
+
+
+def test_a_refusal_whose_port_is_taken_waits_and_exits_all_the_same(
+    gpu_env: dict[str, str],
+) -> None:
+    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(reading(free_mib=9000).to_json())
+    env = {**gpu_env, "COHOST_REFUSAL_BACKOFF_S": "1"}
+    _one_refusal_so_far(env)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = launch("chatbot", {**env, "CHATBOT_ENGINE_PORT": str(port)})
+    assert result.returncode == EXIT_NO_MEMORY
+    assert "refusal 2 in a row (exit 5): waiting 1 s" in result.stderr
+    assert f"cannot answer on 127.0.0.1:{port} while waiting" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _answers(url: str, status: int) -> bool:
+    try:
+        return httpx2.get(url, timeout=2).status_code == status
+    except httpx2.HTTPError:
+        return False
 
 
 def test_missing_plan_names_the_variables(gpu_env: dict[str, str]) -> None:

@@ -17,10 +17,13 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx2
 import pytest
 from cohost import nvml
+from cohost.launch import backoff, refusing
+from cohost.launch.exits import EXIT_NO_MEMORY, Refusal
 from cohost.processes import Child, console_script, free_port, http_ok
-from cohost.status import checks
+from cohost.status import checks, report
 from cohost.units import MIB
 
 from harness.engine import CpuServer
@@ -376,3 +379,48 @@ def test_engine_whose_health_fails_is_unhealthy_not_down() -> None:
     assert "/health answered 503" in check.summary
     assert "running 2, waiting 5, KV cache 42.0%" in check.summary
     assert check.details["url"] == f"http://127.0.0.1:{server.server_port}"
+
+
+def test_engine_whose_launcher_refused_says_why_and_when_it_exits() -> None:
+    """A refused launcher waiting to exit (cohost.launch.refusing, the real server): down,
+    with the reason, the refusals in a row and the time left; the table shows the rest of
+    the reason and the fix under the engine's line. A chat request gets the same 503."""
+    reason = (
+        "refusing to start chatbot: GPU 0 (NVIDIA L4) has 9,000 MiB free, this server needs "
+        "12,000 MiB (its planned process memory).\nHolding GPU memory now:\n"
+        "  pid    4242     9,000 MiB  vllm serve other\nStop what should not be there"
+    )
+    waiting = refusing.Waiting(
+        "chatbot", Refusal(EXIT_NO_MEMORY, reason), refusals=4, wait_s=120.0,
+        next_wait_s=240.0, fix=backoff.FIX, exits_at=time.monotonic() + 47.4,
+    )  # fmt: skip
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with refusing.answering(("127.0.0.1", port), waiting):
+        check = checks.check_engine("chatbot", f"{url}/v1")
+        chat = httpx2.post(f"{url}/v1/chat/completions", json={"messages": []}, timeout=5)
+    assert check.state == "down"
+    assert not check.ok
+    assert check.summary.startswith(
+        "refusing to start (exit 5): GPU 0 (NVIDIA L4) has 9,000 MiB free, this server needs "
+    )
+    assert "; refusal 4 in a row, exits in 4" in check.summary  # 47 s, or 46 on a slow run
+    assert check.summary.endswith(" s, then restarts")
+    refused = check.details["refused"]
+    assert refused["reason"] == reason
+    assert refused["next_wait_s"] == 240.0
+    assert 40 < refused["exits_in_s"] <= 47.4
+    assert check.details["health_status"] == 503
+    lines = report.render(report.Status("now", [check])).splitlines()
+    at = next(i for i, line in enumerate(lines) if " chatbot " in line)
+    assert "DOWN" in lines[at]
+    assert lines[at + 1].strip() == "Holding GPU memory now:"
+    assert lines[at + 2].strip().startswith("pid    4242")
+    assert lines[at + 4].strip() == backoff.FIX
+    assert chat.status_code == 503
+    assert int(chat.headers["Retry-After"]) in range(40, 49)
+    assert chat.json()["error"]["message"].startswith("chatbot refuses to start (exit 5): ")
+    # Once the wait is over the port is closed again: connection refused, as before.
+    assert checks.check_engine("chatbot", url, timeout=2).summary == (
+        "not reachable (connection refused)"
+    )

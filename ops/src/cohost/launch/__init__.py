@@ -8,4 +8,5 @@ watchdog   once healthy: kill a server that stopped answering, so its container 
 command    the vLLM command line and environment
 exits      exit codes, refusals and the launcher's notes on stderr
 backoff    waiting longer after each refusal in a row, so restarts never loop tightly
+refusing   while a refusal waits: 503 and the reason on the server's port, for `cohost status`
 """

@@ -7,7 +7,8 @@ before it exits with its code, longer with each refusal in a row of this contain
 count is a file in `$COHOST_LOCK_DIR` named for the container (its hostname), so it survives
 the container's restarts but not a re-create, and a start that reaches /health clears it.
 The first refusal exits at once; then `$COHOST_REFUSAL_BACKOFF_S` (30 s), doubling, up to
-30 minutes. Each wait is said in the log with its reason.
+30 minutes. Each wait is said in the log with its reason, and answered meanwhile on the
+server's port (`refusing`), so `cohost status` shows it too.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from cohost.launch import refusing
 from cohost.launch.exits import Refusal, say
 
 CAP_S = 1800.0
+FIX = "fix the cause, then `docker compose up -d --force-recreate` (a re-create counts afresh)"
 
 
 def _count_file(service: str) -> Path:
@@ -36,8 +39,11 @@ def delay_s(refusals: int) -> float:
     return 0.0 if refusals <= 1 else min(base * 2 ** (refusals - 2), CAP_S)
 
 
-def refuse(service: str, refusal: Refusal) -> NoReturn:
-    """Say why, wait as long as this run of refusals asks, exit with the refusal's code."""
+def refuse(service: str, refusal: Refusal, address: tuple[str, int] | None = None) -> NoReturn:
+    """Say why, wait as long as this run of refusals asks, exit with the refusal's code.
+
+    While it waits, every request to `address` (the server's host and port) is answered
+    with the refusal."""
     say(service, refusal.message)
     path = _count_file(service)
     refusals = 1
@@ -54,7 +60,11 @@ def refuse(service: str, refusal: Refusal) -> NoReturn:
             "exiting, so the restart policy does not retry in a tight loop; fix the cause "
             "(above), then `docker compose up -d --force-recreate`",
         )
-        time.sleep(wait)
+        waiting = refusing.Waiting(
+            service, refusal, refusals, wait, delay_s(refusals + 1), FIX, time.monotonic() + wait
+        )
+        with refusing.answering(address, waiting):
+            time.sleep(wait)
     sys.exit(refusal.code)
 
 

@@ -32,7 +32,9 @@ def run(service: str) -> NoReturn:
     try:
         planned = settings.load(service)
     except Refusal as refusal:
-        backoff.refuse(service, refusal)
+        backoff.refuse(service, refusal, settings.address(service))
+    # While a refusal waits, it is answered on the port the server would serve.
+    address = (planned.host, planned.port)
     if planned.device == "cpu":
         run_cpu(service, planned)
     try:
@@ -55,7 +57,7 @@ def run(service: str) -> NoReturn:
             os.close(fd)
             raise
     except Refusal as refusal:
-        backoff.refuse(service, refusal)
+        backoff.refuse(service, refusal, address)
     argv = vllm_argv(planned, service, util)
     env = mps.client_env(planned, vllm_env(planned, os.environ))
     say(service, mps.describe(planned, env))
@@ -75,7 +77,7 @@ def run_cpu(service: str, planned: settings.EngineSettings) -> NoReturn:
     try:
         fd = gate.take(service, planned, "cpu")
     except Refusal as refusal:
-        backoff.refuse(service, refusal)
+        backoff.refuse(service, refusal, (planned.host, planned.port))
     argv = server.server_command(
         Path(planned.model),
         port=planned.port,

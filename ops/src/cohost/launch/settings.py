@@ -3,6 +3,7 @@ every launcher of a GPU."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +100,19 @@ def load(service: str) -> EngineSettings:
         lines = [f"  {(p + name).upper()}: required when COHOST_SHARING=mps" for name in missing]
         raise _invalid(service, lines)
     return settings
+
+
+def address(service: str) -> tuple[str, int] | None:
+    """Where the server would listen, read leniently from `<SERVICE>_ENGINE_HOST`/`PORT`:
+    a plan refused as invalid is still answered for there while its refusal waits."""
+    p = prefix(service)
+    fields = EngineSettings.model_fields
+    host = os.environ.get(p + "HOST") or str(fields["host"].default)
+    try:
+        port = int(os.environ.get(p + "PORT") or fields["port"].default)
+    except ValueError:
+        return None
+    return (host, port) if 0 < port < 65536 else None
 
 
 def _invalid(service: str, lines: list[str]) -> Refusal:

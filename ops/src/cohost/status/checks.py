@@ -2,7 +2,8 @@
 is down: every check ends in a `Check` with a state and a one-line reason.
 
 - each vLLM engine: GET /health, and GET /metrics for vllm:num_requests_running,
-  vllm:num_requests_waiting and vllm:kv_cache_usage_perc;
+  vllm:num_requests_waiting and vllm:kv_cache_usage_perc; a launcher that refused to start
+  the server answers /health with the refusal while it waits (cohost.launch.refusing);
 - the feedback worker: its Prometheus endpoint (feedback_in_flight,
   feedback_succeeded_total, feedback_dead_lettered_total{reason},
   feedback_nacked_total{cause}, feedback_concurrency_limit, ...);
@@ -24,6 +25,7 @@ import httpx2
 from cohost_shared.metrics import VLLM_RUNNING, VLLM_WAITING, Metrics
 
 from cohost import gpus, nvml
+from cohost.launch import refusing
 from cohost.plan import envfile, sharing
 from cohost.units import MIB
 
@@ -74,6 +76,10 @@ def check_engine(name: str, url: str, *, timeout: float = 3.0) -> Check:
     except httpx2.HTTPError as exc:
         return Check(name, "down", _why(exc), {"url": root})
     details: dict[str, Any] = {"url": root, "health_status": health.status_code}
+    refused = _refused(health)
+    if refused is not None:
+        details["refused"] = refused
+        return Check(name, "down", _refusal_summary(refused), details)
     try:
         m = fetch_metrics(f"{root}/metrics", timeout=timeout)
     except httpx2.HTTPError as exc:
@@ -101,6 +107,30 @@ def check_engine(name: str, url: str, *, timeout: float = 3.0) -> Check:
     if health.status_code != 200:
         return Check(name, "unhealthy", f"/health answered {health.status_code}; {load}", details)
     return Check(name, "ok", f"healthy; {model}{load}", details)
+
+
+def _refused(health: httpx2.Response) -> dict[str, Any] | None:
+    """The refusal a launcher answers with while it waits to exit, if this is one."""
+    if health.status_code == 200:
+        return None
+    try:
+        body = health.json()
+    except ValueError:
+        return None
+    refused = body.get(refusing.KEY) if isinstance(body, dict) else None
+    return refused if isinstance(refused, dict) else None
+
+
+def _refusal_summary(refused: Mapping[str, Any]) -> str:
+    lines = str(refused.get("reason") or "no reason given").splitlines() or ["?"]
+    # A memory refusal begins with these words, which the summary says already.
+    reason = lines[0].removeprefix(f"refusing to start {refused.get('service')}: ").rstrip(".")
+    left = refused.get("exits_in_s")
+    left_s = f"{left:.0f} s" if isinstance(left, int | float) else "?"
+    return (
+        f"refusing to start (exit {refused.get('code', '?')}): {reason}; refusal "
+        f"{refused.get('refusals_in_a_row', '?')} in a row, exits in {left_s}, then restarts"
+    )
 
 
 def check_worker(url: str, *, timeout: float = 3.0) -> Check:

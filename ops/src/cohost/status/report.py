@@ -64,6 +64,13 @@ def render(status: Status) -> str:
         url = c.details.get("url")
         where = f"{url}  " if url else ""
         lines.append(f"  {_MARK[c.state]:<4}  {c.name:<{width}}  {where}{c.summary}")
+        refused = c.details.get("refused")
+        if isinstance(refused, dict):
+            # The summary has the reason's first line; the rest says what holds what.
+            rest = str(refused.get("reason", "")).splitlines()[1:]
+            for line in [*rest, str(refused.get("fix", ""))]:
+                if line:
+                    lines.append(f"{'':>{width + 10}}{line}")
         if c.name == "gpu":
             planned = {x["service"]: x["expected_bytes"] for x in c.details.get("services", [])}
             for p in c.details.get("processes", []):
