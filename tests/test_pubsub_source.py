@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
 from feedback.jobs import Delivery
-from feedback.pubsub import PubSubSource
+from feedback.pubsub import PubSubSource, ensure_topology
 from feedback.settings import WorkerSettings
 from google.api_core.exceptions import DeadlineExceeded
 from google.cloud import pubsub_v1
@@ -67,3 +69,118 @@ def test_drain_then_close_returns_everything_at_once(project: Project) -> None:
     assert set(back) == sent, f"{len(sent - set(back))} of {SENT} did not come back in 8 s"
     for delivery in handed:
         assert back[delivery.message_id] == 2, "handed over once, then returned"
+
+
+def pull_back(path: str, want: int, within_s: float) -> dict[str, tuple[float, int]]:
+    """Pull and ack for up to `within_s`: message id -> (time.monotonic() when pulled,
+    delivery attempt)."""
+    client = pubsub_v1.SubscriberClient()
+    back: dict[str, tuple[float, int]] = {}
+    started = time.monotonic()
+    while len(back) < want and time.monotonic() - started < within_s:
+        try:
+            response = client.pull(subscription=path, max_messages=100, timeout=2)
+        except DeadlineExceeded:
+            continue
+        if response.received_messages:
+            client.acknowledge(
+                subscription=path, ack_ids=[m.ack_id for m in response.received_messages]
+            )
+        for m in response.received_messages:
+            back.setdefault(m.message.message_id, (time.monotonic(), m.delivery_attempt))
+    client.close()
+    return back
+
+
+HOLDER = """
+import sys, time
+from google.cloud import pubsub_v1
+flow = pubsub_v1.types.FlowControl(max_messages=16, min_duration_per_lease_extension=10,
+                                   max_duration_per_lease_extension=10)
+pubsub_v1.SubscriberClient().subscribe(sys.argv[1], callback=lambda m: None, flow_control=flow)
+time.sleep(600)
+"""
+
+
+def test_a_stop_during_a_redelivery_flood_loses_nothing(project: Project) -> None:
+    """What failed CI (the reliability suite's SIGTERM just as a SIGKILLed worker's
+    messages ran out their ack deadline): a worker stopped while those messages are being
+    redelivered to it. Under the retry policy the subscription used to have, the emulator
+    lost the ones still waiting out their backoff for the closing stream (100 of 150 here,
+    none back within 100 s); without it, each is back within seconds."""
+    settings = WorkerSettings(max_in_flight=HELD, ack_deadline_s=10, requests_subscription="flood")
+    ensure_topology(settings)
+    path = pubsub_v1.SubscriberClient.subscription_path(project.project_id, "flood")
+    publisher = project.publisher()
+    sent = {publisher.request(f"flood-{i}", "text") for i in range(150)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, path])  # a worker, then SIGKILLed
+    time.sleep(4)  # the emulator pushes the whole backlog to its stream
+    holder.kill()
+    holder.wait()
+    acked: set[str] = set()
+
+    async def worker_stops_mid_flood() -> None:
+        source = PubSubSource(settings)
+        loop = asyncio.get_running_loop()
+        draining = False
+
+        async def job(delivery: Delivery) -> None:
+            await asyncio.sleep(0.2)
+            if draining:
+                delivery.nack()  # a cancelled job: held until the stream is closed
+            else:
+                delivery.ack()
+                acked.add(delivery.message_id)
+
+        jobs: list[asyncio.Task[None]] = []
+
+        def on_message(delivery: Delivery) -> None:
+            jobs.append(loop.create_task(job(delivery)))
+
+        source.start(on_message, lambda exc: None, loop)
+        deadline = time.monotonic() + 60
+        while len(acked) < 20:  # the flood has begun once the deadline ran out
+            assert time.monotonic() < deadline, f"only {len(acked)} acked"
+            await asyncio.sleep(0.01)
+        source.drain()
+        draining = True
+        await asyncio.sleep(1)
+        await source.close()
+
+    asyncio.run(worker_stops_mid_flood())
+    back = pull_back(path, len(sent - acked), within_s=60)
+    missing = sent - acked - set(back)
+    assert not missing, f"{len(missing)} of {len(sent)} never came back within 60 s"
+
+
+def test_a_nack_comes_back_after_its_backoff(project: Project) -> None:
+    """A nacked message (an engine outage past the retry budget) waits out
+    FEEDBACK_NACK_BACKOFF_S, doubling per attempt, on its lease: not back at once, back soon
+    after, and the subscription itself has no retry policy adding to it."""
+    settings = WorkerSettings(
+        max_in_flight=HELD, ack_deadline_s=10, requests_subscription="backoff", nack_backoff_s=4
+    )
+    ensure_topology(settings)
+    path = pubsub_v1.SubscriberClient.subscription_path(project.project_id, "backoff")
+    subscription = pubsub_v1.SubscriberClient().get_subscription(subscription=path)
+    assert not type(subscription).pb(subscription).HasField("retry_policy")
+    sent = project.publisher().request("backoff-0", "text")
+
+    async def nack_once() -> float:
+        source = PubSubSource(settings)
+        handed: asyncio.Queue[Delivery] = asyncio.Queue()
+        source.start(handed.put_nowait, lambda exc: None, asyncio.get_running_loop())
+        delivery = await asyncio.wait_for(handed.get(), timeout=30)
+        assert delivery.delivery_attempt == 1
+        delivery.nack()
+        nacked = time.monotonic()
+        await asyncio.sleep(0.5)  # the modack goes out on the open stream
+        await source.close()
+        return nacked
+
+    nacked = asyncio.run(nack_once())
+    back = pull_back(path, 1, within_s=20)
+    assert sent in back, "the nacked message did not come back within 20 s"
+    pulled, attempt = back[sent]
+    assert attempt == 2
+    assert pulled - nacked >= 3.5, f"back {pulled - nacked:.1f} s after the nack, before 4 s"

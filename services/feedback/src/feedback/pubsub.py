@@ -12,7 +12,6 @@ import asyncio
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from datetime import timedelta
 from typing import Any
 
 import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
@@ -53,9 +52,10 @@ def subscriber_client(settings: WorkerSettings) -> pubsub_v1.SubscriberClient:
 
 
 class Lease:
-    """A message handed to the worker. Its ack goes out at once; its nack too, unless the
+    """A message handed to the worker. Its ack goes out at once. A nack gives it back
+    after a backoff (FEEDBACK_NACK_BACKOFF_S, doubling per delivery attempt), unless the
     source is draining: then the message stays leased and `PubSubSource.close` returns it
-    once the stream is closed."""
+    at once, once the stream is closed."""
 
     __slots__ = ("_message", "_source")
 
@@ -87,10 +87,13 @@ class PubSubSource:
     """Streaming pull, and the return of every unsettled message at shutdown.
 
     A message nacked while our stream is still open can be sent straight back to that
-    stream, which is closing: it then waits out its ack deadline, and on the emulator,
-    under the subscription's retry policy, it is lost for good (docs/reliability.md).
-    So while draining, nacks are held; `close` stops the stream first, then nacks what
-    the worker did not settle through the unary API and waits for the answer.
+    stream, which is closing: it then waits out its ack deadline. So while draining, nacks
+    are held; `close` stops the stream first, then nacks what the worker did not settle
+    through the unary API and waits for the answer.
+
+    Nacks back off on the lease (`_settle`), not through a subscription retry policy: under
+    one, the emulator loses messages waiting out their backoff when the stream they are
+    meant for closes, whether nacked or expired (docs/reliability.md).
     """
 
     def __init__(self, settings: WorkerSettings) -> None:
@@ -153,8 +156,15 @@ class PubSubSource:
             del self._unsettled[message.ack_id]
         if ack:
             message.ack()
-        else:
+            return
+        delay = self._settings.nack_delay_s(message.delivery_attempt)
+        if delay == 0:
             message.nack()
+            return
+        # The backoff on the lease itself: Pub/Sub redelivers the message once this
+        # deadline passes, and the library stops extending it.
+        message.modify_ack_deadline(delay)
+        message.drop()
 
     def drain(self) -> None:
         """Take no new work: hold back new messages and nacks until `close`."""
@@ -304,10 +314,8 @@ def ensure_topology(settings: WorkerSettings) -> list[str]:
         topic=topic(project, settings.requests_topic),
         ack_deadline_seconds=settings.ack_deadline_s,
         dead_letter_policy=dead_letter_policy,
-        # Redeliveries after a nack back off, so an engine outage does not spin.
-        retry_policy=ps_types.RetryPolicy(
-            minimum_backoff=timedelta(seconds=10), maximum_backoff=timedelta(seconds=600)
-        ),
+        # No retry policy: the worker backs off nacks itself (FEEDBACK_NACK_BACKOFF_S), and
+        # messages returned at shutdown or after a crash go to another worker at once.
     )
     plain = [
         (settings.results_subscription, settings.results_topic),

@@ -81,6 +81,12 @@ class WorkerSettings(BaseSettings):
     malloc_arena_max: int = Field(default=2, ge=0, le=1024)
     # Transient engine failures are retried for this long, then the message is nacked.
     retry_budget_s: float = Field(default=120.0, gt=0)
+    # A nacked message comes back after this many seconds, doubling with each delivery
+    # attempt up to the max (Pub/Sub's longest ack deadline, 600 s), so an engine outage
+    # does not spin. The worker sets it on the message's lease (feedback/pubsub.py), not
+    # the subscription's retry policy: the emulator loses messages under one.
+    nack_backoff_s: int = Field(default=10, ge=0, le=600)
+    nack_backoff_max_s: int = Field(default=600, ge=0, le=600)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
 
     # Chat-first sharing: watch the chatbot engine's /metrics and yield to it.
@@ -114,6 +120,11 @@ class WorkerSettings(BaseSettings):
                 f"FEEDBACK_MAX_IN_FLIGHT ({self.max_in_flight})"
             )
         return self
+
+    def nack_delay_s(self, delivery_attempt: int | None) -> int:
+        """How long a message nacked at this delivery attempt waits before it comes back."""
+        doublings = max(0, (delivery_attempt or 1) - 1)
+        return min(self.nack_backoff_s << min(doublings, 16), self.nack_backoff_max_s)
 
     def preempting(self) -> bool:
         return self.preempt and bool(self.chat_metrics_url)
