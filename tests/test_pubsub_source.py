@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,6 +12,7 @@ from feedback.settings import WorkerSettings
 from google.api_core.exceptions import DeadlineExceeded
 from google.cloud import pubsub_v1
 
+from harness.flood import hold_then_kill, stop_mid_flood
 from harness.pubsub import Project
 
 pytestmark = pytest.mark.emulator
@@ -92,62 +91,19 @@ def pull_back(path: str, want: int, within_s: float) -> dict[str, tuple[float, i
     return back
 
 
-HOLDER = """
-import sys, time
-from google.cloud import pubsub_v1
-flow = pubsub_v1.types.FlowControl(max_messages=16, min_duration_per_lease_extension=10,
-                                   max_duration_per_lease_extension=10)
-pubsub_v1.SubscriberClient().subscribe(sys.argv[1], callback=lambda m: None, flow_control=flow)
-time.sleep(600)
-"""
-
-
 def test_a_stop_during_a_redelivery_flood_loses_nothing(project: Project) -> None:
     """What failed CI (the reliability suite's SIGTERM just as a SIGKILLed worker's
     messages ran out their ack deadline): a worker stopped while those messages are being
     redelivered to it. Under the retry policy the subscription used to have, the emulator
-    lost the ones still waiting out their backoff for the closing stream (100 of 150 here,
-    none back within 100 s); without it, each is back within seconds."""
+    lost the ones still waiting out their backoff for the closing stream (bench/
+    emulator_flood.py); without it, each is back within seconds."""
     settings = WorkerSettings(max_in_flight=HELD, ack_deadline_s=10, requests_subscription="flood")
     ensure_topology(settings)
     path = pubsub_v1.SubscriberClient.subscription_path(project.project_id, "flood")
     publisher = project.publisher()
     sent = {publisher.request(f"flood-{i}", "text") for i in range(150)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, path])  # a worker, then SIGKILLed
-    time.sleep(4)  # the emulator pushes the whole backlog to its stream
-    holder.kill()
-    holder.wait()
-    acked: set[str] = set()
-
-    async def worker_stops_mid_flood() -> None:
-        source = PubSubSource(settings)
-        loop = asyncio.get_running_loop()
-        draining = False
-
-        async def job(delivery: Delivery) -> None:
-            await asyncio.sleep(0.2)
-            if draining:
-                delivery.nack()  # a cancelled job: held until the stream is closed
-            else:
-                delivery.ack()
-                acked.add(delivery.message_id)
-
-        jobs: list[asyncio.Task[None]] = []
-
-        def on_message(delivery: Delivery) -> None:
-            jobs.append(loop.create_task(job(delivery)))
-
-        source.start(on_message, lambda exc: None, loop)
-        deadline = time.monotonic() + 60
-        while len(acked) < 20:  # the flood has begun once the deadline ran out
-            assert time.monotonic() < deadline, f"only {len(acked)} acked"
-            await asyncio.sleep(0.01)
-        source.drain()
-        draining = True
-        await asyncio.sleep(1)
-        await source.close()
-
-    asyncio.run(worker_stops_mid_flood())
+    hold_then_kill(path)
+    acked, _ = asyncio.run(stop_mid_flood(settings, acks_before_stop=20))
     back = pull_back(path, len(sent - acked), within_s=60)
     missing = sent - acked - set(back)
     assert not missing, f"{len(missing)} of {len(sent)} never came back within 60 s"
