@@ -3,6 +3,9 @@
 Nothing here is mocked. The emulator and one engine are started once per session;
 each test gets its own Pub/Sub project (so topics never leak between tests) and its
 own worker processes.
+
+The compose file as read (`compose`, `services`) is here too, because the static compose
+tests of more than one module (test_compose.py, test_compose_plans.py) read it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cohost import emulator
@@ -21,6 +25,7 @@ from cohost.processes import feedback_setup, free_port
 
 from harness.engine import TEST_MODEL, CpuServer
 from harness.pubsub import Project
+from tests.deployfiles import COMPOSE, load
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +65,15 @@ def project(emulator_host: str, logs: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", project_id)
     feedback_setup(env)
     return Project(emulator_host, project_id, logs, env)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """docker-compose.yml as written (not interpolated); each module reads its own."""
+    return load(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = compose["services"]
+    return found

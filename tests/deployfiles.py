@@ -1,4 +1,4 @@
-"""What the Docker deployment's tests read (tests/test_compose.py, tests/test_images.py):
+"""What the Docker deployment's tests read (tests/test_compose*.py, tests/test_images.py):
 the compose files as compose interpolates them, the Dockerfiles' stages, and the build
 context that .dockerignore lets through. Helpers only; no tests here.
 """

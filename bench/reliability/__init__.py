@@ -27,6 +27,7 @@ failed. docs/reliability.md describes the method and the latest full run.
 config      Config, FULL and SHORT, the fault kinds and where in the run each comes
 stack       the emulator, the engine and one Pub/Sub project; SuiteError
 supervisor  the worker processes, restarted like a container runtime would
+running     those parts brought up for one run and down after it, however it ends
 traffic     the producer and the tolerant collector of results and dead letters
 load        phase 1: valid requests under faults
 payloads    the Hypothesis generators of bad input, and their oracle
@@ -35,6 +36,7 @@ hostile     phase 3: hostile input, one message at a time
 report      the Report, its invariants and the facts behind it
 markdown    the report as Markdown
 suite       run_suite: all three phases, one run
+restarts    run_stress: the restart stress run (--restarts), its own run
 __main__    the command line
 
 The parts it drives are the tests' own, from `harness` (`harness.engine.CpuServer`,

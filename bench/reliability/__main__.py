@@ -47,7 +47,7 @@ def main() -> int:
     def say(line: str) -> None:
         print(f"{datetime.now(UTC):%H:%M:%S} {line}", file=sys.stderr, flush=True)
 
-    # A Ctrl-C or SIGTERM still stops every child (the finally blocks of `run_suite`).
+    # A Ctrl-C or SIGTERM still stops every child (the teardown of `running`, both runs').
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.restarts:
         outcome = run_stress(cfg, logs=logs, batch=args.batch, say=say)

@@ -24,16 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
-from cohost.cpu_engine.install import ensure_engine
-from cohost.cpu_engine.models import ensure_model
-from cohost.processes import free_port
 from cohost.status.checks import fetch_metrics
 from cohost_shared.messages import FeedbackResult
 
-from harness.engine import TEST_MODEL, CpuServer
-
 from .config import WORKER_KILL, WORKER_TERM, Config
-from .stack import Stack, SuiteError, environment
+from .running import running
+from .stack import Stack, SuiteError
 from .supervisor import Supervisor
 from .traffic import Producer, Tolerant
 
@@ -86,35 +82,18 @@ def run_stress(
 ) -> StressOutcome:
     """`cfg.worker_terms` SIGTERMs and `cfg.worker_kills` SIGKILLs on a fresh emulator,
     project and CPU engine."""
-    logs.mkdir(parents=True, exist_ok=True)
-    ensure_engine(log=say)
-    engine = CpuServer(ensure_model(TEST_MODEL, log=say), free_port(), logs / "engine.log")
-    engine.start()
-    stack = Stack(cfg, logs, engine)
-    supervisor: Supervisor | None = None
-    try:
-        with environment(
-            PUBSUB_EMULATOR_HOST=stack.emulator_host, GOOGLE_CLOUD_PROJECT=stack.project.project_id
-        ):
-            stack.start_emulator()
-            stack.setup()
-            supervisor = Supervisor(stack, free_port())
-            supervisor.start()
-            say(f"{cfg.worker_terms} SIGTERMs and {cfg.worker_kills} SIGKILLs (logs: {logs})")
-            return run_restarts(
-                cfg,
-                stack,
-                supervisor,
-                sigterms=cfg.worker_terms,
-                sigkills=cfg.worker_kills,
-                batch=batch,
-                say=say,
-            )
-    finally:
-        if supervisor is not None:
-            supervisor.stop()
-        stack.stop_emulator()
-        engine.stop()
+    with running(cfg, logs, say=say) as parts:
+        supervisor = parts.start()
+        say(f"{cfg.worker_terms} SIGTERMs and {cfg.worker_kills} SIGKILLs (logs: {logs})")
+        return run_restarts(
+            cfg,
+            parts.stack,
+            supervisor,
+            sigterms=cfg.worker_terms,
+            sigkills=cfg.worker_kills,
+            batch=batch,
+            say=say,
+        )
 
 
 def run_restarts(

@@ -7,11 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cohost.cpu_engine.install import ensure_engine
-from cohost.cpu_engine.models import ensure_model
-from cohost.processes import free_port
-
-from harness.engine import TEST_MODEL, CpuServer
+from harness.engine import CpuServer
 
 from .bad_input import generate_bad_input, run_bad_input
 from .config import Config
@@ -25,8 +21,8 @@ from .report import (
     summarize_incarnations,
     worker_counters,
 )
-from .stack import Stack, SuiteError, environment
-from .supervisor import Supervisor
+from .running import running
+from .stack import SuiteError
 from .traffic import Producer, Tolerant
 
 
@@ -41,7 +37,6 @@ def run_suite(
     """Run all three phases on a fresh emulator and project. With `engine`, use (and
     kill and restart) that server, else start one. Never raises for a failed invariant:
     see `Report.failures`."""
-    logs.mkdir(parents=True, exist_ok=True)
     report = Report(
         cfg=cfg,
         started_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -50,24 +45,11 @@ def run_suite(
         software=software(),
     )
     t0 = time.monotonic()
-    own_engine = engine is None
-    if engine is None:
-        ensure_engine(log=say)
-        model = ensure_model(TEST_MODEL, log=say)
-        engine = CpuServer(model, free_port(), logs / "engine.log")
-        say("starting the engine")
-        engine.start()
-    stack = Stack(cfg, logs, engine)
-    supervisor: Supervisor | None = None
-    collector: Tolerant | None = None
-    try:
-        with environment(
-            PUBSUB_EMULATOR_HOST=stack.emulator_host, GOOGLE_CLOUD_PROJECT=stack.project.project_id
-        ):
-            stack.start_emulator()
-            stack.setup()
-            supervisor = Supervisor(stack, free_port())
-            supervisor.start()
+    with running(cfg, logs, engine=engine, say=say, say_engine_start=True) as parts:
+        stack = parts.stack
+        collector: Tolerant | None = None
+        try:
+            supervisor = parts.start()
             producer, collector = Producer(stack.project), Tolerant(stack.project)
             say(f"phase 1: {cfg.requests:,} requests with faults (logs: {logs})")
             report.load = run_load(cfg, stack, supervisor, producer, collector, say)
@@ -90,25 +72,25 @@ def run_suite(
             drain_until = time.monotonic() + 5
             while time.monotonic() < drain_until:
                 collector.poll()
-    except (SuiteError, OSError, RuntimeError) as exc:
-        report.error = f"{type(exc).__name__}: {exc}"
-        say(f"aborted: {report.error[:2000]}")
-    finally:
-        if supervisor is not None:
-            if report.load is not None and collector is not None:
-                account_load(report.load, collector, supervisor)
-            last = supervisor.stop()
-            report.final_exit = last.exit_code
-            report.incarnations = summarize_incarnations(supervisor)
-            report.crash_loop = supervisor.crash_loop
-            report.memory = memory_summary(
-                supervisor,
-                warm_at=report.phase_started.get("bad_again"),
-                until=report.phase_started.get("hostile"),
-            )
-        stack.stop_emulator()
-        if own_engine:
-            engine.stop()
+        except (SuiteError, OSError, RuntimeError) as exc:
+            report.error = f"{type(exc).__name__}: {exc}"
+            say(f"aborted: {report.error[:2000]}")
+        finally:
+            # Stopped here, before `running` takes the parts down, to account the load
+            # and report how the last worker ended (also when it never came up).
+            if parts.supervisor is not None:
+                supervisor = parts.supervisor
+                if report.load is not None and collector is not None:
+                    account_load(report.load, collector, supervisor)
+                last = supervisor.stop()
+                report.final_exit = last.exit_code
+                report.incarnations = summarize_incarnations(supervisor)
+                report.crash_loop = supervisor.crash_loop
+                report.memory = memory_summary(
+                    supervisor,
+                    warm_at=report.phase_started.get("bad_again"),
+                    until=report.phase_started.get("hostile"),
+                )
     report.seconds = time.monotonic() - t0
     report.check()
     return report

@@ -118,7 +118,8 @@ class Supervisor:
         return inc
 
     def stop(self) -> Incarnation:
-        """SIGTERM the worker for good (end of run) and stop supervising."""
+        """SIGTERM the worker for good (end of run) and stop supervising; once stopped,
+        a second call only returns the last incarnation again."""
         self._stop.set()
         self._thread.join(timeout=30)
         inc = self.current
