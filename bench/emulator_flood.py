@@ -19,10 +19,9 @@ import os
 import time
 from datetime import timedelta
 
-from google.api_core.exceptions import DeadlineExceeded
-
 from bench.emulator_nack import running_emulator
 from harness.flood import hold_then_kill, stop_mid_flood
+from harness.pubsub import pull_back
 
 SENT, DEADLINE_S, ACKS_BEFORE_STOP, WAIT_S = 150, 10, 20, 100.0
 
@@ -54,18 +53,7 @@ def case(project: str, retry_policy: bool) -> str:
     hold_then_kill(path)
     acked, returned = asyncio.run(stop_mid_flood(settings, ACKS_BEFORE_STOP))
     closed = time.monotonic()
-    back: dict[str, float] = {}
-    while time.monotonic() - closed < WAIT_S and len(back) + len(acked) < SENT:
-        try:
-            response = client.pull(subscription=path, max_messages=100, timeout=2)
-        except DeadlineExceeded:
-            continue
-        if response.received_messages:
-            client.acknowledge(
-                subscription=path, ack_ids=[m.ack_id for m in response.received_messages]
-            )
-        for m in response.received_messages:
-            back.setdefault(m.message.message_id, time.monotonic() - closed)
+    back = {m: at - closed for m, (at, _) in pull_back(path, SENT - len(acked), WAIT_S).items()}
     client.close()
     publisher.stop()
     missing = sent - acked - set(back)

@@ -127,3 +127,27 @@ class Collector:
             f"timed out after {timeout:.0f} s: {len(missing)} results missing "
             f"(e.g. {missing[:5]}), {len(self.dead_letters)}/{dead} dead letters"
         )
+
+
+def pull_back(path: str, want: int, within_s: float) -> dict[str, tuple[float, int]]:
+    """Pull and ack from subscription `path` until `want` messages came or `within_s`
+    passed: message id -> (time.monotonic() when pulled, its delivery attempt)."""
+    from google.api_core.exceptions import DeadlineExceeded
+    from google.cloud import pubsub_v1
+
+    client = pubsub_v1.SubscriberClient()
+    back: dict[str, tuple[float, int]] = {}
+    started = time.monotonic()
+    while len(back) < want and time.monotonic() - started < within_s:
+        try:
+            response = client.pull(subscription=path, max_messages=100, timeout=2)
+        except DeadlineExceeded:  # nothing to pull within the long-poll
+            continue
+        if response.received_messages:
+            client.acknowledge(
+                subscription=path, ack_ids=[m.ack_id for m in response.received_messages]
+            )
+        for m in response.received_messages:
+            back.setdefault(m.message.message_id, (time.monotonic(), m.delivery_attempt))
+    client.close()
+    return back

@@ -9,11 +9,10 @@ import pytest
 from feedback.jobs import Delivery
 from feedback.pubsub import PubSubSource, ensure_topology
 from feedback.settings import WorkerSettings
-from google.api_core.exceptions import DeadlineExceeded
 from google.cloud import pubsub_v1
 
 from harness.flood import hold_then_kill, stop_mid_flood
-from harness.pubsub import Project
+from harness.pubsub import Project, pull_back
 
 pytestmark = pytest.mark.emulator
 
@@ -47,48 +46,15 @@ def test_drain_then_close_returns_everything_at_once(project: Project) -> None:
     handed, returned = asyncio.run(worker_stops())
     assert returned == len(handed) == HELD
 
-    client = pubsub_v1.SubscriberClient()
-    path = client.subscription_path(project.project_id, settings.requests_subscription)
-    back: dict[str, int] = {}
-    started = time.monotonic()
-    # Well inside the 60 s ack deadline (and the retry policy's 10 s backoff): a message
-    # that comes back only when its lease runs out would miss this window.
-    while len(back) < SENT and time.monotonic() - started < 8:
-        try:
-            response = client.pull(subscription=path, max_messages=100, timeout=2)
-        except DeadlineExceeded:  # nothing to pull within the long-poll
-            continue
-        if response.received_messages:
-            client.acknowledge(
-                subscription=path, ack_ids=[m.ack_id for m in response.received_messages]
-            )
-        for m in response.received_messages:
-            back[m.message.message_id] = m.delivery_attempt
-    client.close()
+    path = pubsub_v1.SubscriberClient.subscription_path(
+        project.project_id, settings.requests_subscription
+    )
+    # Well inside the 60 s ack deadline: a message that comes back only when its lease
+    # runs out would miss this window.
+    back = pull_back(path, SENT, within_s=8)
     assert set(back) == sent, f"{len(sent - set(back))} of {SENT} did not come back in 8 s"
     for delivery in handed:
-        assert back[delivery.message_id] == 2, "handed over once, then returned"
-
-
-def pull_back(path: str, want: int, within_s: float) -> dict[str, tuple[float, int]]:
-    """Pull and ack for up to `within_s`: message id -> (time.monotonic() when pulled,
-    delivery attempt)."""
-    client = pubsub_v1.SubscriberClient()
-    back: dict[str, tuple[float, int]] = {}
-    started = time.monotonic()
-    while len(back) < want and time.monotonic() - started < within_s:
-        try:
-            response = client.pull(subscription=path, max_messages=100, timeout=2)
-        except DeadlineExceeded:
-            continue
-        if response.received_messages:
-            client.acknowledge(
-                subscription=path, ack_ids=[m.ack_id for m in response.received_messages]
-            )
-        for m in response.received_messages:
-            back.setdefault(m.message.message_id, (time.monotonic(), m.delivery_attempt))
-    client.close()
-    return back
+        assert back[delivery.message_id][1] == 2, "handed over once, then returned"
 
 
 def test_a_stop_during_a_redelivery_flood_loses_nothing(project: Project) -> None:
