@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -103,8 +104,17 @@ def run(
     """
     code = 0
     frame = 0
+    stopped = threading.Event()
+    if watch:
+        # Ctrl-C ends the watch wherever it lands: a KeyboardInterrupt that some library
+        # swallowed mid-check still leaves the flag set for the loop.
+        def interrupt(signum: int, frame: object) -> None:
+            stopped.set()
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupt)
     try:
-        while True:
+        while not stopped.is_set():
             status = collect(
                 chatbot=chatbot, feedback=feedback, worker=worker, plan=plan, timeout=timeout
             )
@@ -117,6 +127,7 @@ def run(
             if not watch:
                 return code
             frame += 1
-            time.sleep(watch)
+            stopped.wait(watch)
     except KeyboardInterrupt:
-        return code
+        pass
+    return code
