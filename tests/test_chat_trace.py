@@ -103,6 +103,8 @@ def test_idle_fraction_is_the_time_with_nothing_in_flight() -> None:
     assert replay.idle_fraction([outcome(0, 8), outcome(2, 3), outcome(9, 20)], 10) == (
         pytest.approx(0.1)
     )
+    assert replay.idle_gaps(busy, 10) == [(0, 1), (4, 6), (7, 10)]
+    assert replay.idle_gaps([outcome(0, 8), outcome(2, 3), outcome(9, 20)], 10) == [(8, 9)]
 
 
 @pytest.mark.engine

@@ -194,17 +194,23 @@ async def replay(
     return outcomes, window
 
 
+def idle_gaps(outcomes: Sequence[Outcome], window_s: float) -> list[tuple[float, float]]:
+    """The stretches of [0, window_s] with no request in flight, in order."""
+    gaps, reach = [], 0.0
+    for o in sorted(outcomes, key=lambda o: o.started_s):
+        if o.started_s > reach and reach < window_s:
+            gaps.append((reach, min(o.started_s, window_s)))
+        reach = max(reach, o.ended_s)
+    if reach < window_s:
+        gaps.append((reach, window_s))
+    return gaps
+
+
 def idle_fraction(outcomes: Sequence[Outcome], window_s: float) -> float:
     """Share of [0, window_s] with no request in flight."""
     if window_s <= 0:
         return 1.0
-    busy, reach = 0.0, 0.0
-    for o in sorted(outcomes, key=lambda o: o.started_s):
-        start, end = max(o.started_s, reach), min(o.ended_s, window_s)
-        if end > start:
-            busy += end - start
-        reach = max(reach, min(o.ended_s, window_s))
-    return 1.0 - busy / window_s
+    return sum(end - start for start, end in idle_gaps(outcomes, window_s)) / window_s
 
 
 def summary(outcomes: Sequence[Outcome], window_s: float) -> dict[str, Any]:

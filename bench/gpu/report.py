@@ -1,7 +1,7 @@
 """Tables from the recorded GPU runs: planner vs vLLM vs nvidia-smi, trials, sharing.
 
     uv run python bench/gpu/report.py calibration|trials|sharing
-    uv run python bench/gpu/report.py trace RUN_DIR     # a trace_run.py run (results.jsonl)
+    uv run python bench/gpu/report.py trace RUN_DIR...  # trace_run.py runs (results.jsonl)
 
 Reads deploy/calibration/ and bench/gpu/results/; prints Markdown. The numbers in
 docs/calibration.md and docs/sharing.md are this script's output.
@@ -192,16 +192,16 @@ def sharing() -> None:
             )
 
 
-def trace(run_dir: str) -> None:
+def trace(run_dirs: list[str]) -> None:
     """bench/gpu/trace_run.py's rows: chat against chat alone, feedback and its harvest."""
     import trace_report
 
-    trace_report.print_tables(Path(run_dir) / "results.jsonl")
+    trace_report.print_tables([Path(d) / "results.jsonl" for d in run_dirs])
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "trace":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        trace(sys.argv[2])
+        trace(sys.argv[2:])
     else:
         {"calibration": calibration, "trials": trials, "sharing": sharing}[sys.argv[1]]()

@@ -6,6 +6,11 @@ card's own speed), feedback tok/s, and the harvest: feedback tok/s over (feedbac
 tok/s x the chat-idle fraction that load leaves, measured with chat alone). Feedback alone
 is likewise the time-slicing pair's where there is one (the whole card). A harvest above
 100% means feedback also made progress while chat was busy, not only in its idle time.
+
+Several runs (one per session, say) print as one: each row's baselines come from its own
+run where it has them (the same machine), else from the first run that does. Shared rows
+with a timeline (bench/gpu/trace_timeline.py) get a line on where their feedback tokens
+came from.
 """
 
 from __future__ import annotations
@@ -15,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _rows(paths: list[Path]) -> list[dict[str, Any]]:
+    return [{**json.loads(line), "run": i} for i, path in enumerate(paths)
+            for line in path.read_text().splitlines() if line.strip()]  # fmt: skip
 
 
-def _baseline(rows: list[dict[str, Any]], step: str, **match: Any) -> dict[str, Any] | None:
-    """The time-slicing pair's row if there is one, else the MPS pair's."""
+def _baseline(
+    rows: list[dict[str, Any]], step: str, run: int | None = None, **match: Any
+) -> dict[str, Any] | None:
+    """Of `run` if it has one, else of the first run that does: the time-slicing pair's
+    row if there is one, else the MPS pair's."""
     found = [r for r in rows if r["step"] == step and all(r.get(k) == v for k, v in match.items())]
-    found.sort(key=lambda r: r["sharing"] != "time-slicing")
+    found.sort(key=lambda r: (r["run"] != run, r["run"], r["sharing"] != "time-slicing"))
     return found[0] if found else None
 
 
@@ -34,8 +43,8 @@ def _ratio(value: float | None, base: float | None) -> str:
     return f"{value:.1f} (x{value / base:.2f})"
 
 
-def print_tables(path: Path) -> None:
-    rows = _rows(path)
+def print_tables(paths: list[Path]) -> None:
+    rows = _rows(paths)
     for r in rows:
         if "error" in r:
             print(f"- error in step {r['step']} ({r.get('profile')}, {r.get('sharing')}): "
@@ -46,34 +55,44 @@ def print_tables(path: Path) -> None:
               f"flight, {cap['sharing']})")  # fmt: skip
     profiles = sorted({r["profile"] for r in rows if r["step"] in ("shared", "chat_alone")})
     for profile in profiles:
-        fb_alone = _baseline(rows, "feedback_alone", profile=profile)
-        solo = fb_alone["feedback"]["tokens_per_s"] if fb_alone else None
         for r in rows:
             if r["step"] == "feedback_alone" and r["profile"] == profile:
                 tok = r["feedback"]["tokens_per_s"]
-                print(f"\n{profile}: feedback alone, {r['sharing']}: {tok:,.0f} tok/s"
-                      + (" (the harvest's baseline)" if r is fb_alone else ""))  # fmt: skip
+                print(
+                    f"\n{profile}: feedback alone, {r['sharing']} (run {r['run']}): {tok:,.0f} tok/s"
+                )
         loads = sorted({r["load"] for r in rows if r.get("profile") == profile and "load" in r})
         for load in loads:
-            alone = _baseline(rows, "chat_alone", profile=profile, load=load)
-            a = alone["chat"] if alone else {}
-            idle = a.get("idle_fraction")
+            first = _baseline(rows, "chat_alone", profile=profile, load=load)
             print(f"\n**{profile}, chat at {load:.0%} of capacity**"
-                  + (f" (chat alone, {alone['sharing']}: {a['requests']} requests, "
-                     f"chat-idle {idle:.0%})" if alone else ""))  # fmt: skip
+                  + (f" ({first['chat']['requests']} requests)" if first else ""))  # fmt: skip
             print("| sharing | preemption | chat TTFT p50 / p99 ms | chat TPOT p50 / p99 ms "
                   "| chat errors | feedback tok/s | harvest |")  # fmt: skip
             print("|---|---|---|---|---|---|---|")
+            notes = []
             for r in rows:
                 if r.get("profile") != profile or r.get("load") != load:
                     continue
+                alone = _baseline(rows, "chat_alone", r["run"], profile=profile, load=load)
+                a = alone["chat"] if alone else {}
+                idle = a.get("idle_fraction")
                 if r["step"] == "chat_alone":
-                    print(_line(r, f"chat alone ({r['sharing']})", "-", a, None, None))
+                    label = (
+                        f"chat alone ({r['sharing']}, chat-idle {r['chat']['idle_fraction']:.0%})"
+                    )
+                    print(_line(r, label, "-", a, None, None))
                 elif r["step"] == "shared":
+                    fb_alone = _baseline(rows, "feedback_alone", r["run"], profile=profile)
+                    solo = fb_alone["feedback"]["tokens_per_s"] if fb_alone else None
                     preempt = "on" if r["preempt"] else "off"
                     if r["preempt"] and not r["worker"]["has_preemption"]:
                         preempt = "on (worker without preemption: chat-first)"
                     print(_line(r, r["sharing"], preempt, a, solo, idle))
+                    if "timeline_summary" in r:
+                        notes.append(_where(r, preempt, solo))
+            if notes:
+                print("\nWhere the feedback tokens came from (chat-idle gaps, client side):")
+                print("\n".join(notes))
     faults = [r for r in rows if r["step"] == "fault" and "error" not in r]
     if faults:
         print("\n| profile, sharing | faulting process exit | engines | chat errors (window s) "
@@ -105,3 +124,25 @@ def _line(
     tok = f"{fb['tokens_per_s']:,.0f}" if fb else "-"
     harvest = f"{fb['tokens_per_s'] / (solo * idle):.0%}" if fb and solo and idle else "-"
     return f"| {label} | {preempt} | {ttft} | {tpot} | {c['errors']} of {c['requests']} | {tok} | {harvest} |"
+
+
+def _where(r: dict[str, Any], preempt: str, solo: float | None) -> str:
+    """One shared row's timeline summary as a sentence."""
+    w = r["timeline_summary"]
+    if "error" in w:
+        return f"- {r['sharing']}, preemption {preempt}: {w['error']}"
+
+    def p50(key: str) -> str:
+        return f"{w[key]['p50']:.0f} ms" if w.get(key) else "-"
+
+    rate = f"{w['idle_tok_s']:,} tok/s" if w.get("idle_tok_s") is not None else "-"
+    share = f" ({w['idle_tok_s'] / solo:.0%} of alone)" if solo and w.get("idle_tok_s") else ""
+    lag = w.get("loop_lag_ms") or {}
+    return (
+        f"- {r['sharing']}, preemption {preempt}: {w['gaps']} gaps, {w['idle_s']} s idle; "
+        f"{w['tokens_in_idle']:,} tokens in them, {rate}{share}; {w['tokens_while_chat_busy']:,} "
+        f"while chat was busy. Median from a gap's start: chat seen idle {p50('idle_seen_after_ms')}, "
+        f"engine generating {p50('generating_after_ms')}; chat seen busy {p50('busy_seen_after_ms')} "
+        f"after it came back. Event-loop lag p50 / p99 / max: {lag.get('p50', '-')} / "
+        f"{lag.get('p99', '-')} / {lag.get('max', '-')} ms"
+    )

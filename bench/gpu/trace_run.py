@@ -72,7 +72,8 @@ def pair_steps(run: Run, pair: Pair, args: argparse.Namespace, chat: trace_steps
                     run.note("skipping the fault step")
                     continue
                 fault_chat = trace_steps.Chat(chat.requests, args.fault_s, chat.prompt_kind)
-                trace_steps.fault(run, pair, fault_chat, args.loads[0], cap, args.fault_s)
+                trace_steps.fault(run, pair, fault_chat, args.fault_load or args.loads[0], cap,
+                                  args.fault_s)  # fmt: skip
         except Exception:
             run.record({"step": step, "profile": pair.profile, "sharing": pair.sharing,
                         "error": traceback.format_exc()})  # fmt: skip
@@ -131,6 +132,7 @@ def main() -> int:
     p.add_argument("--replay-s", type=float, default=60.0, help="each replay's arrivals")
     p.add_argument("--feedback-s", type=float, default=30.0)
     p.add_argument("--fault-s", type=float, default=180.0, help="replay and settle time")
+    p.add_argument("--fault-load", type=float, default=0.0, help="chat load (default: the first)")
     p.add_argument("--warmup", type=float, default=5.0, help="feedback runs this long first")
     p.add_argument("--trace", type=Path, default=trace.DEFAULT_TRACE)
     p.add_argument("--cpu-smoke", action="store_true")

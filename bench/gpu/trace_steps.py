@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sharing
+import trace_timeline
 from cohost.plan.envfile import prefix
 from cohost.processes import Child, tail
 from feedback.settings import WorkerSettings
@@ -111,21 +112,33 @@ async def _both(
     load = feedback_load(run, tag, chat.replay_s + 60, preempt)
     before = counters()
     worker = asyncio.create_task(load.run())
+    stop_sampling = asyncio.Event()
+    sampler = asyncio.create_task(
+        trace_timeline.sample(f"{root('feedback')}/metrics", stop_sampling)
+    )
     await asyncio.sleep(run.warmup)
     t0 = time.monotonic()
     outcomes, window = await replay.replay(
         url("chatbot"), "chatbot", requests, prompts, duration_s=chat.replay_s
     )
     t1 = time.monotonic()
+    stop_sampling.set()
     load.stop()
     await asyncio.gather(worker, return_exceptions=True)
     after = counters()
+    try:  # the step's own numbers are kept whatever befalls its timeline
+        timeline = trace_timeline.shifted(await sampler, t0)
+        where = trace_timeline.analyse(timeline, outcomes, window)
+    except Exception as exc:
+        timeline, where = {}, {"error": f"{type(exc).__name__}: {exc}"}
     return {
         "chat": replay.summary(outcomes, window),
         "feedback": load.summary(t0, t1),
         "worker": {"preempt": preempt, "has_preemption": worker_has_preemption(),
                    **{k: (after[k] or 0) - (before[k] or 0) if after[k] is not None else None
                       for k in COUNTERS}},
+        "timeline_summary": where,
+        "timeline": timeline,
         "outcomes": replay.rows(outcomes),
     }  # fmt: skip
 

@@ -108,7 +108,7 @@ def run(
     if watch:
         # Ctrl-C ends the watch wherever it lands: a KeyboardInterrupt that some library
         # swallowed mid-check still leaves the flag set for the loop.
-        def interrupt(signum: int, frame: object) -> None:
+        def interrupt(_signum: int, _frame: object) -> None:
             stopped.set()
             raise KeyboardInterrupt
 
