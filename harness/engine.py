@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from cohost.cpu_engine import server
@@ -17,7 +18,9 @@ SERVED_NAME = "feedback"
 class CpuServer:
     """One CPU vLLM server serving `SERVED_NAME`, with its log in a file."""
 
-    def __init__(self, model_dir: Path, port: int, log_path: Path) -> None:
+    def __init__(
+        self, model_dir: Path, port: int, log_path: Path, extra_args: Sequence[str] = ()
+    ) -> None:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}/v1"
         argv = server.server_command(
@@ -26,6 +29,7 @@ class CpuServer:
             served_model_name=SERVED_NAME,
             max_model_len=ENGINE_MAX_MODEL_LEN,
             max_num_seqs=ENGINE_MAX_NUM_SEQS,
+            extra_args=extra_args,
         )
         self.child = Child("engine", argv, log_path=log_path, env=server.server_env())
 

@@ -193,6 +193,7 @@ def test_fixed_util_that_cannot_hold_one_sequence_is_reported() -> None:
         ("chatbot=x,max_model_len", "not key=value"),
         ("chatbot=x,max_model_len=big", "not a number"),
         ("chatbot=x,colour=red", "unknown key"),
+        ("chatbot=x,stream=0", "at least 1 token a chunk"),
     ],
 )
 def test_bad_service_specs(text: str, message: str) -> None:
@@ -429,6 +430,23 @@ def test_env_file_carries_the_sharing(capsys: pytest.CaptureFixture[str], tmp_pa
     sliced = envfile.read(sliced_env)
     assert sliced["COHOST_SHARING"] == "time-slicing"
     assert not [k for k in sliced if "_MPS_" in k]
+
+
+def test_the_batch_service_streams_in_chunks_of_tokens(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The first service streams every token to its users; the others 8 a chunk unless
+    `stream=` says otherwise, on a GPU plan and a CPU plan alike."""
+    chat, feedback = f"chatbot={QWEN_7B_AWQ},max_model_len=8192", f"feedback={QWEN_1_5B}"
+    for extra, expected in (("", "8"), (",stream=2", "2")):
+        for device in (["--gpu", "L4"], ["--cpu"]):
+            env = tmp_path / "plan.env"
+            argv = ["plan", *device, "--service", chat, "--service", feedback + extra]
+            assert run_cli(capsys, *argv, "--write-env", str(env))[0] == 0
+            values = envfile.read(env)
+            assert values["CHATBOT_ENGINE_STREAM_INTERVAL"] == "1"
+            assert values["FEEDBACK_ENGINE_STREAM_INTERVAL"] == expected
+    assert ServiceSpec.parse("f=x,stream=4").describe() == "f=x,max_num_seqs=16,stream=4"
 
 
 # --------------------------------------------------------------------------- the 2026-11-29 GPU run

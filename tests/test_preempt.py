@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 from cohost.cpu_engine.models import ensure_model
+from cohost.plan.spec import BATCH_STREAM_INTERVAL
 from cohost.processes import free_port
 from cohost_shared.messages import FeedbackRequest, FeedbackResult
 from feedback.engine import Completion, EngineClient
@@ -95,8 +96,11 @@ def test_poll_interval_defaults_follow_the_mode() -> None:
 @pytest.fixture(scope="module")
 def smollm2(logs: Path) -> Iterator[CpuServer]:
     """SmolLM2-135M-Instruct on the CPU engine: real text at temperature 0, and the
-    chatbot whose /metrics the end-to-end tests watch."""
-    server = CpuServer(ensure_model("smollm2-135m-instruct"), free_port(), logs / "smollm2.log")
+    chatbot whose /metrics the end-to-end tests watch. It streams in chunks of tokens as
+    the plans' feedback engine does, so a preemption closes a stream between chunks and
+    the tokens generated past the last one are generated again."""
+    server = CpuServer(ensure_model("smollm2-135m-instruct"), free_port(), logs / "smollm2.log",
+                       extra_args=["--stream-interval", str(BATCH_STREAM_INTERVAL)])  # fmt: skip
     server.start()
     try:
         yield server

@@ -112,22 +112,19 @@ async def _both(
     load = feedback_load(run, tag, chat.replay_s + 60, preempt)
     before = counters()
     worker = asyncio.create_task(load.run())
-    stop_sampling = asyncio.Event()
-    sampler = asyncio.create_task(
-        trace_timeline.sample(f"{root('feedback')}/metrics", stop_sampling)
-    )
-    await asyncio.sleep(run.warmup)
-    t0 = time.monotonic()
-    outcomes, window = await replay.replay(
-        url("chatbot"), "chatbot", requests, prompts, duration_s=chat.replay_s
-    )
-    t1 = time.monotonic()
-    stop_sampling.set()
+    sampler = trace_timeline.Sampler(f"{root('chatbot')}/metrics", f"{root('feedback')}/metrics")
+    with sampler:
+        await asyncio.sleep(run.warmup)
+        t0 = time.monotonic()
+        outcomes, window = await replay.replay(
+            url("chatbot"), "chatbot", requests, prompts, duration_s=chat.replay_s
+        )
+        t1 = time.monotonic()
     load.stop()
     await asyncio.gather(worker, return_exceptions=True)
     after = counters()
     try:  # the step's own numbers are kept whatever befalls its timeline
-        timeline = trace_timeline.shifted(await sampler, t0)
+        timeline = sampler.columns(t0)
         where = trace_timeline.analyse(timeline, outcomes, window)
     except Exception as exc:
         timeline, where = {}, {"error": f"{type(exc).__name__}: {exc}"}

@@ -1,66 +1,107 @@
-"""Where the harvest goes: a fine timeline of a `shared` step and what it shows.
+"""Where the harvest goes: a fine timeline of a replay and what it shows.
 
-`sample` runs beside the replay and, every `interval_s`, reads the worker's own gauges
-(chat seen busy, answers paused, requests in flight), the feedback engine's generated
-tokens and running requests (its /metrics), and how late the event loop woke (the worker
-and the replayer share it, so a loop that cannot keep up slows both).
+`Sampler` runs beside the replay. A thread of its own (so a stalled event loop cannot
+delay it) reads, every `interval_s`: the chatbot's running + waiting requests (its
+/metrics: what the worker's poll reads), the worker's own gauges (chat seen busy,
+answers paused, requests in flight) and the feedback engine's generated tokens and
+running requests. A 10 ms ticker on the event loop records how late the loop woke it: the
+worker and the replayer share that loop, so a stall delays the worker's chat poll and its
+streams, and the replayer's clock.
 
 `analyse` lays that over chat's client-side idle gaps (no chat request in flight:
-`replay.idle_gaps` of the replay's outcomes): the feedback tokens made inside the gaps and while chat was busy, how
-long after a gap began the worker saw chat idle and the engine was generating again, how
-long after chat came back the worker saw it busy, and the loop's lag.
+`replay.idle_gaps` of the replay's outcomes): the feedback tokens made inside the gaps and
+while chat was busy; from a gap's start, when the chatbot's gauge read idle, the worker saw
+it idle and the engine was generating again; from chat's return, when the gauge and the
+worker saw it busy; and the loop's lag.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import statistics
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import httpx2
-from cohost_shared.metrics import VLLM_RUNNING, Metrics
+from cohost_shared.metrics import VLLM_LOAD, VLLM_RUNNING, Metrics
 from prometheus_client import REGISTRY
 
 from bench.chat_trace import replay
+from bench.sharing import pct
 
 GENERATED = "vllm:generation_tokens_total"
 GAUGES = {"busy": "feedback_chat_busy", "paused": "feedback_paused", "in_flight": "feedback_in_flight"}  # fmt: skip
-COLUMNS = ("t", "lag_ms", *GAUGES, "fb_generated", "fb_running")
+COLUMNS = ("t", "chat_load", *GAUGES, "fb_generated", "fb_running")
 
 
-async def sample(
-    feedback_metrics_url: str, stop: asyncio.Event, interval_s: float = 0.05
-) -> dict[str, list[float | None]]:
-    """Columns of samples until `stop`; `t` is monotonic (the caller shifts it)."""
-    cols: dict[str, list[float | None]] = {c: [] for c in COLUMNS}
-    async with httpx2.AsyncClient(timeout=1.0) as client:
-        due = time.monotonic()
-        while not stop.is_set():
+class Sampler:
+    """`with Sampler(...):` samples from a thread and ticks on the running loop."""
+
+    def __init__(self, chat_metrics_url: str, feedback_metrics_url: str,
+                 interval_s: float = 0.05) -> None:  # fmt: skip
+        self.urls = (chat_metrics_url, feedback_metrics_url)
+        self.interval_s = interval_s
+        self.cols: dict[str, list[float | None]] = {c: [] for c in COLUMNS}
+        self.lag: list[tuple[float, float]] = []  # (monotonic, ms late)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._ticker: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._thread.join(timeout=5)
+
+    async def _tick(self) -> None:
+        while True:
+            due = time.monotonic() + 0.01
+            await asyncio.sleep(0.01)
             now = time.monotonic()
-            cols["t"].append(now)
-            cols["lag_ms"].append(round((now - due) * 1000, 2))
-            for key, name in GAUGES.items():
-                cols[key].append(REGISTRY.get_sample_value(name))
-            generated = running = None
-            try:
-                page = Metrics.parse((await client.get(feedback_metrics_url)).text,
-                                     (GENERATED, VLLM_RUNNING))  # fmt: skip
-                generated, running = page.value(GENERATED), page.value(VLLM_RUNNING)
-            except httpx2.HTTPError:
-                pass
-            cols["fb_generated"].append(generated)
-            cols["fb_running"].append(running)
-            due = max(due + interval_s, time.monotonic())
-            await asyncio.sleep(due - time.monotonic())
-    return cols
+            self.lag.append((now, round(max(0.0, now - due) * 1000, 2)))
 
+    def _sample(self) -> None:
+        chat_url, feedback_url = self.urls
+        with httpx2.Client(timeout=1.0) as client:
+            while not self._stop.wait(0 if not self.cols["t"] else self._next()):
+                now = time.monotonic()
+                self.cols["t"].append(now)
+                chat = self._read(client, chat_url, VLLM_LOAD)
+                self.cols["chat_load"].append(chat.vllm_load() if chat else None)
+                for key, name in GAUGES.items():
+                    self.cols[key].append(REGISTRY.get_sample_value(name))
+                fb = self._read(client, feedback_url, (GENERATED, VLLM_RUNNING))
+                self.cols["fb_generated"].append(fb.value(GENERATED) if fb else None)
+                self.cols["fb_running"].append(fb.value(VLLM_RUNNING) if fb else None)
 
-def shifted(cols: dict[str, list[float | None]], t0: float) -> dict[str, list[float | None]]:
-    """`t` relative to `t0` (the replay's start), rounded for the results file."""
-    return {**cols, "t": [round(t - t0, 3) for t in cols["t"] if t is not None]}
+    def _next(self) -> float:
+        last = self.cols["t"][-1]
+        assert last is not None
+        return max(0.0, last + self.interval_s - time.monotonic())
+
+    @staticmethod
+    def _read(client: httpx2.Client, url: str, names: tuple[str, ...]) -> Metrics | None:
+        try:
+            return Metrics.parse(client.get(url).text, names)
+        except httpx2.HTTPError:
+            return None
+
+    def columns(self, t0: float) -> dict[str, list[float | None]]:
+        """The samples with `t` relative to `t0` (the replay's start), and the loop's lag
+        as `lag_t` / `lag_ms` columns of their own."""
+        return {
+            **self.cols,
+            "t": [round(t - t0, 3) for t in self.cols["t"] if t is not None],
+            "lag_t": [round(t - t0, 3) for t, _ in self.lag],
+            "lag_ms": [ms for _, ms in self.lag],
+        }
 
 
 def _at(ts: list[float], values: list[float], t: float) -> float:
@@ -85,20 +126,17 @@ def _first(ts: list[float], flags: list[bool], start: float, end: float) -> floa
     return None
 
 
-def _ms(values: list[float]) -> dict[str, float] | None:
-    if not values:
+def _ms(seconds: list[float]) -> dict[str, float] | None:
+    if not seconds:
         return None
-    values = sorted(values)
-    return {"p50": round(statistics.median(values) * 1000, 1),
-            "p90": round(values[int(0.9 * (len(values) - 1))] * 1000, 1), "n": len(values)}  # fmt: skip
+    ms = [x * 1000 for x in seconds]
+    return {"p50": round(pct(ms, 0.5) or 0, 1), "p90": round(pct(ms, 0.9) or 0, 1), "n": len(ms)}
 
 
 def _lag(lags: list[float]) -> dict[str, float] | None:
     if not lags:
         return None
-    ordered = sorted(lags)
-    return {"p50": statistics.median(ordered), "p99": ordered[int(0.99 * (len(ordered) - 1))],
-            "max": ordered[-1]}  # fmt: skip
+    return {"p50": pct(lags, 0.5) or 0, "p99": pct(lags, 0.99) or 0, "max": max(lags)}
 
 
 def analyse(
@@ -116,23 +154,29 @@ def analyse(
     idle_s = sum(b - a for a, b in gaps)
     t_all = timeline["t"]
     busy = [b == 1 for b in timeline["busy"]]
+    gauge = [c is not None and c >= 1 for c in timeline["chat_load"]]
     # Generating: the engine's counter moved since the previous sample.
     moving = [False] + [later > earlier for earlier, later in itertools.pairwise(gen)]
-    seen_idle = [_first(t_all, [not b for b in busy], a, b) for a, b in gaps]
-    resumed = [_first(ts, moving, a, b) for a, b in gaps]
-    # Chat back: each gap's end (but the window's); the worker's busy flag after it.
-    seen_busy = [_first(t_all, busy, b, b + 5.0) for _, b in gaps if b < window_s]
-    lags = [x for x in timeline["lag_ms"] if x is not None]
-    out: dict[str, Any] = {
+    back = [b for _, b in gaps if b < window_s]  # chat's returns (not the window's end)
+
+    def after(flags: list[bool], starts: list[float], times: list[float] = t_all) -> Any:
+        found = [_first(times, flags, t, t + 5.0) for t in starts]
+        return _ms([x for x in found if x is not None])
+
+    starts = [a for a, _ in gaps]
+    return {
         "gaps": len(gaps),
         "idle_s": round(idle_s, 2),
         "feedback_tokens": round(total),
         "tokens_in_idle": round(in_gaps),
         "tokens_while_chat_busy": round(total - in_gaps),
         "idle_tok_s": round(in_gaps / idle_s) if idle_s else None,
-        "idle_seen_after_ms": _ms([x for x in seen_idle if x is not None]),
-        "generating_after_ms": _ms([x for x in resumed if x is not None]),
-        "busy_seen_after_ms": _ms([x for x in seen_busy if x is not None]),
-        "loop_lag_ms": _lag(lags),
+        # From a gap's start: the chatbot's gauge, the worker, the feedback engine.
+        "gauge_idle_after_ms": after([not g for g in gauge], starts),
+        "idle_seen_after_ms": after([not b for b in busy], starts),
+        "generating_after_ms": after(moving, starts, ts),
+        # From chat's return: the gauge, then the worker.
+        "gauge_busy_after_ms": after(gauge, back),
+        "busy_seen_after_ms": after(busy, back),
+        "loop_lag_ms": _lag([x for x in timeline["lag_ms"] if x is not None]),
     }
-    return out

@@ -27,6 +27,8 @@ def vllm_argv(settings: EngineSettings, service: str, util: float) -> list[str]:
         argv += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
     if settings.kv_cache_dtype != "auto":
         argv += ["--kv-cache-dtype", settings.kv_cache_dtype]
+    if settings.stream_interval > 1:
+        argv += ["--stream-interval", str(settings.stream_interval)]
     if settings.chat_template:
         argv += ["--chat-template", settings.chat_template]
     argv += shlex.split(settings.extra_args)

@@ -35,6 +35,7 @@ class EngineSettings(BaseSettings):
     max_num_seqs: int = Field(ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     kv_cache_dtype: str = "auto"
+    stream_interval: int = Field(default=1, ge=1)  # tokens per streamed chunk
     chat_template: str | None = None
     extra_args: str = ""  # more vLLM flags, shell-quoted
     command: str = "vllm serve"  # how to run vLLM, shell-quoted

@@ -43,7 +43,7 @@ def render(specs: Sequence[ServiceSpec], argv: Sequence[str]) -> str:
         "# Re-run that command (changed as needed) to re-plan; do not edit values by hand.",
     ]
     values = {"COHOST_DEVICE": DEVICE}
-    for spec in specs:
+    for index, spec in enumerate(specs):
         shape = models.load(spec.model)
         length = spec.max_model_len or shape.max_position_embeddings
         gib = kv_cache_gib(spec)
@@ -59,6 +59,7 @@ def render(specs: Sequence[ServiceSpec], argv: Sequence[str]) -> str:
                 p + "MAX_NUM_SEQS": str(spec.max_num_seqs),
                 p + "MAX_NUM_BATCHED_TOKENS": str(spec.max_num_batched_tokens),
                 p + "KV_CACHE_DTYPE": spec.kv_cache_dtype,
+                p + "STREAM_INTERVAL": str(spec.stream_interval_at(index)),
                 p + "CPU_KVCACHE_GIB": str(gib),
             }
         )

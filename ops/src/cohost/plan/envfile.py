@@ -44,6 +44,7 @@ def service_variables(s: ServicePlan) -> dict[str, str]:
         "MAX_NUM_SEQS": str(s.spec.max_num_seqs),
         "MAX_NUM_BATCHED_TOKENS": str(s.spec.max_num_batched_tokens),
         "KV_CACHE_DTYPE": s.spec.kv_cache_dtype,
+        "STREAM_INTERVAL": str(s.stream_interval),
         "BUDGET_BYTES": str(fp.budget),
         "EXPECTED_PROCESS_BYTES": str(fp.process),
     }

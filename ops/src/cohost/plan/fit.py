@@ -37,6 +37,7 @@ class ServicePlan:
     gpu_memory_utilization: float = 0.0
     kv_pinned: bool = True
     mps: sharing.MpsShare | None = None  # None: time-slicing
+    stream_interval: int = 1  # vLLM's --stream-interval (ServiceSpec.stream_interval_at)
     fits: bool = True
     problems: list[str] = field(default_factory=list)
 
@@ -197,7 +198,10 @@ def _prepare(spec: ServiceSpec, mode: str, index: int) -> ServicePlan:
     required = memory.kv_bytes_for(
         shape, spec.max_num_seqs, max_len, spec.max_num_batched_tokens, spec.kv_cache_dtype
     )
-    return ServicePlan(spec, shape, weights, max_len, fixed, required)
+    return ServicePlan(
+        spec, shape, weights, max_len, fixed, required,
+        stream_interval=spec.stream_interval_at(index),
+    )  # fmt: skip
 
 
 def _whole_blocks(service: ServicePlan, kv_bytes: int) -> int:

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 DEFAULT_MAX_NUM_SEQS = 16
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_BATCHED_TOKENS = 2048
+# Tokens per streamed chunk (vLLM's --stream-interval). The first service is interactive:
+# its users see every token as it comes. The others are read by a program that pays per
+# chunk: at one token a chunk the worker's loop read at most about 3,000 tok/s on a CPU
+# core, at 8 about 18,000 (bench/stream_cost.py).
+INTERACTIVE_STREAM_INTERVAL = 1
+BATCH_STREAM_INTERVAL = 8
 
 
 class PlanError(ValueError):
@@ -28,11 +34,17 @@ class ServiceSpec:
     # the choice to the plan (cohost.plan.sharing).
     sm_percent: int | None = None
     priority: str | None = None
+    stream_interval: int | None = None  # None: by its place in the order (above)
+
+    def stream_interval_at(self, index: int) -> int:
+        if self.stream_interval is not None:
+            return self.stream_interval
+        return INTERACTIVE_STREAM_INTERVAL if index == 0 else BATCH_STREAM_INTERVAL
 
     @classmethod
     def parse(cls, text: str) -> ServiceSpec:
         """NAME=MODEL[,max_model_len=N][,max_num_seqs=N][,util=F][,weights=W][,kv=fp8]
-        [,sm=PERCENT][,priority=normal|low]..."""
+        [,sm=PERCENT][,priority=normal|low][,stream=TOKENS]..."""
         name, sep, rest = text.partition("=")
         if not sep or not name or not rest:
             raise PlanError(f"--service {text!r}: expected NAME=MODEL[,key=value...]")
@@ -49,6 +61,7 @@ class ServiceSpec:
             "max_num_seqs": "max_num_seqs",
             "max_num_batched_tokens": "max_num_batched_tokens",
             "batched_tokens": "max_num_batched_tokens",
+            "stream": "stream_interval",
         }
         for key, value in values.items():
             try:
@@ -69,13 +82,16 @@ class ServiceSpec:
                 else:
                     raise PlanError(
                         f"--service {name}: unknown key {key!r} (max_model_len, max_num_seqs, "
-                        "util, weights, kv, batched_tokens, serve, sm, priority)"
+                        "util, weights, kv, batched_tokens, serve, sm, priority, stream)"
                     )
             except ValueError as exc:
                 if isinstance(exc, PlanError):
                     raise
                 raise PlanError(f"--service {name}: {key}={value!r} is not a number") from None
-        return cls(**fields)  # type: ignore[arg-type]
+        spec = cls(**fields)  # type: ignore[arg-type]
+        if spec.stream_interval is not None and spec.stream_interval < 1:
+            raise PlanError(f"--service {name}: stream must be at least 1 token a chunk")
+        return spec
 
     def describe(self) -> str:
         parts = [f"{self.name}={self.model}"]
@@ -96,4 +112,6 @@ class ServiceSpec:
             parts.append(f"sm={self.sm_percent}")
         if self.priority is not None:
             parts.append(f"priority={self.priority}")
+        if self.stream_interval is not None:
+            parts.append(f"stream={self.stream_interval}")
         return ",".join(parts)

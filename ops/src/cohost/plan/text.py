@@ -50,6 +50,7 @@ def render(plan: Plan) -> str:
     out.append(
         row("--max-num-batched-tokens", [str(s.spec.max_num_batched_tokens) for s in plan.services])
     )
+    out.append(row("--stream-interval", [str(s.stream_interval) for s in plan.services]))
     out.append(row("KV cache tokens", [f"{s.kv_cache_tokens:,}" for s in plan.services]))
     out.append(
         row("  = full-length sequences at once", [f"{s.concurrency:.1f}" for s in plan.services])
