@@ -1,6 +1,6 @@
 """What the worker's streamed engine calls cost its event loop, against real CPU vLLM servers.
 
-    uv run python -m bench.stream_cost [--intervals 1,8] [--answers 16] [--tokens 96]
+    uv run python -m bench.stream_cost [--intervals 1,8,16] [--answers 16] [--tokens 256]
         [--resumes 32] [--prompt-ids 640]
 
 The worker streams every engine call (preemption needs a stream it can close) and reads
@@ -96,9 +96,7 @@ async def _typed_first_chunk(
         await events.close()
 
 
-async def resume_burst(
-    n: int, call: Callable[[], Awaitable[None]]
-) -> tuple[str, float]:  # fmt: skip
+async def resume_burst(n: int, call: Callable[[], Awaitable[None]]) -> tuple[str, float]:
     with Ticker() as ticker:
         began = time.perf_counter()
         await asyncio.gather(*(call() for _ in range(n)))
@@ -144,9 +142,9 @@ async def measure(url: str, args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--intervals", default="1,8", help="the server's --stream-interval values")
+    p.add_argument("--intervals", default="1,8,16", help="the server's --stream-interval values")
     p.add_argument("--answers", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=96)
+    p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--resumes", type=int, default=32)
     p.add_argument("--prompt-ids", type=int, default=640)
     args = p.parse_args()

@@ -9,8 +9,8 @@ DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_BATCHED_TOKENS = 2048
 # Tokens per streamed chunk (vLLM's --stream-interval). The first service is interactive:
 # its users see every token as it comes. The others are read by a program that pays per
-# chunk: at one token a chunk the worker's loop read at most about 3,000 tok/s on a CPU
-# core, at 8 about 18,000 (bench/stream_cost.py).
+# chunk: at one token a chunk the worker's loop read at most about 3,000 tok/s on a core
+# of the 2-core test machine, at 8 about 18,000 (bench/stream_cost.py).
 INTERACTIVE_STREAM_INTERVAL = 1
 BATCH_STREAM_INTERVAL = 8
 

@@ -13,8 +13,8 @@ Preemption (`feedback.preempt`) needs three things the one-shot chat call does n
 
 Both are posted through the client's plain `post`, the body as built here: the typed
 `create` walks every parameter through its type hints first, about 7 ms for a prompt of
-640 ids, which made resuming 32 answers block the worker's event loop for a few hundred
-milliseconds on the GPU host (docs/sharing.md).
+640 ids, so resuming 32 answers stalled the worker's event loop 282-447 ms on CPU
+(bench/stream_cost.py), as long as the stalls the GPU run saw around resumes.
 """
 
 from __future__ import annotations
