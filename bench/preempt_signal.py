@@ -1,11 +1,13 @@
 """How fast does the worker give the GPU back when a chat request arrives?
 
     uv run python -m bench.preempt_signal [--trials 20] [--poll-s 0.02] [--in-flight 8]
+        [--signal load|metrics]
         [--chat-url http://127.0.0.1:PORT/v1 --feedback-url http://127.0.0.1:PORT/v1]
 
 Starts two CPU vLLM servers with tiny-llama (the chatbot and the feedback engine; or uses
 the two given), keeps `--in-flight` feedback answers going through the worker's own
-preemption (`feedback.preempt`: ChatWatch polling the chatbot's /metrics, Preempter), then,
+preemption (`feedback.preempt`: ChatWatch polling the chatbot's /load, or its /metrics
+with `--signal metrics`; Preempter), then,
 per trial, with chat idle for a second, sends one streamed chat request and times:
 
 - detect: the request sent -> the worker's ChatWatch sees chat busy;
@@ -15,7 +17,7 @@ per trial, with chat idle for a second, sends one streamed chat request and time
   request (polled every 5 ms from another thread; its gauge moves at engine steps);
 - chat first token: the request sent -> its first streamed token.
 
-Also what one poll costs: GET of the chatbot's /metrics (the chatbot renders it) and the
+Also what one poll costs: GET of the chatbot's page (the chatbot renders it) and the
 worker's parse of it. Prints medians, p90 and max in milliseconds.
 """
 
@@ -106,12 +108,12 @@ def chat_once(chat: openai.OpenAI, out: dict[str, float], sent: threading.Event)
     out["done"] = time.monotonic()
 
 
-def poll_cost(chat_root: str, n: int = 200) -> tuple[list[float], list[float]]:
+def poll_cost(url: str, n: int = 200) -> tuple[list[float], list[float]]:
     fetch, parse = [], []
     with httpx.Client(timeout=5.0) as client:
         for _ in range(n):
             t = time.perf_counter()
-            text = client.get(f"{chat_root}/metrics").text
+            text = client.get(url).text
             fetch.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
             chat_load(text)
@@ -124,7 +126,7 @@ async def run(args: argparse.Namespace, chat_url: str, feedback_url: str) -> Non
     settings = WorkerSettings(
         llm_base_url=feedback_url,
         llm_model=SERVED_NAME,
-        chat_metrics_url=f"{chat_root}/metrics",
+        chat_metrics_url=f"{chat_root}/{args.signal}",
         chat_poll_s=args.poll_s,
         preempt=True,
     )
@@ -173,14 +175,15 @@ async def run(args: argparse.Namespace, chat_url: str, feedback_url: str) -> Non
             task.cancel()
         await asyncio.gather(*workers, poller, return_exceptions=True)
         await engine.close()
-    fetch, parse = poll_cost(chat_root)
-    print(f"poll every {args.poll_s * 1000:.0f} ms, {args.in_flight} feedback answers in flight")
+    fetch, parse = poll_cost(f"{chat_root}/{args.signal}")
+    print(f"/{args.signal} polled every {args.poll_s * 1000:.0f} ms, "
+          f"{args.in_flight} feedback answers in flight")  # fmt: skip
     print(stats("detect (sent -> seen busy) ms", detect))
     print(stats("first abort (sent -> closed) ms", first_abort))
     print(stats("last abort (sent -> closed) ms", last_abort))
     print(stats("engine idle (sent -> running 0) ms", idle))
     print(stats("chat first token ms", ttft))
-    print(stats("chatbot /metrics GET ms", fetch))
+    print(stats(f"chatbot /{args.signal} GET ms", fetch))
     print(stats("worker parse of it ms", parse))
 
 
@@ -189,6 +192,8 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--poll-s", type=float, default=0.02)
     p.add_argument("--in-flight", type=int, default=8)
+    p.add_argument("--signal", choices=("load", "metrics"), default="load",
+                   help="the chatbot page the worker polls")  # fmt: skip
     p.add_argument("--chat-url")
     p.add_argument("--feedback-url")
     args = p.parse_args()

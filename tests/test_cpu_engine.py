@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 
+import httpx2
 import pytest
 from cohost.cpu_engine.install import ensure_engine
 from cohost.cpu_engine.models import ensure_model
@@ -68,6 +69,26 @@ def test_tiny_llama_server_answers_and_stops_on_sigterm() -> None:
         )
         text = reply.choices[0].message.content
         assert text, f"empty completion: {reply}"
+
+        # /load counts a request while it streams, and not once it has ended.
+        def load() -> int:
+            body = httpx2.get(f"http://127.0.0.1:{port}/load", timeout=30).json()
+            return int(body["server_load"])
+
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Count to twenty."}],
+            max_tokens=32, stream=True, extra_body={"min_tokens": 32},
+        )  # fmt: skip
+        with stream:
+            next(iter(stream))
+            assert load() == 1
+            for _ in stream:
+                pass
+        # Counted down by a task that runs after the response's last byte.
+        deadline = time.monotonic() + 10
+        while load() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert load() == 0
         assert reply.usage is not None
         assert reply.usage.prompt_tokens > 0
         assert reply.usage.completion_tokens > 0

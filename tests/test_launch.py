@@ -120,6 +120,8 @@ def test_execs_vllm_with_the_planned_flags(gpu_env: dict[str, str], tmp_path: Pa
     # The key reaches vLLM through its environment, never through argv (ps shows argv).
     assert started["key"] == "s3cret"
     assert "s3cret" not in " ".join(argv) + result.stderr
+    # /load, the worker's chat signal, counts requests from their arrival.
+    assert "--enable-server-load-tracking" in argv
     # One token a chunk is vLLM's own default; a plan's batch service streams in bigger ones.
     assert "--stream-interval" not in argv
     env["CHATBOT_ENGINE_STREAM_INTERVAL"] = "8"

@@ -96,7 +96,7 @@ def test_poll_interval_defaults_follow_the_mode() -> None:
 @pytest.fixture(scope="module")
 def smollm2(logs: Path) -> Iterator[CpuServer]:
     """SmolLM2-135M-Instruct on the CPU engine: real text at temperature 0, and the
-    chatbot whose /metrics the end-to-end tests watch. It streams in chunks of tokens as
+    chatbot whose /load the end-to-end tests watch. It streams in chunks of tokens as
     the plans' feedback engine does, so a preemption closes a stream between chunks and
     the tokens generated past the last one are generated again."""
     server = CpuServer(ensure_model("smollm2-135m-instruct"), free_port(), logs / "smollm2.log",
@@ -305,7 +305,7 @@ def test_a_preemption_storm_loses_and_duplicates_nothing(
 ) -> None:
     worker = project.start_worker(
         engine,
-        FEEDBACK_CHAT_METRICS_URL=f"{smollm2.root}/metrics",
+        FEEDBACK_CHAT_METRICS_URL=f"{smollm2.root}/load",
         FEEDBACK_PREEMPT="true",
         FEEDBACK_DEFAULT_MAX_TOKENS="96",
         # The emulator sends the whole backlog at once and redelivers what the client still

@@ -110,6 +110,13 @@ def test_chat_load_reads_running_plus_waiting() -> None:
     assert chat_load("# nothing here\n") is None
 
 
+def test_chat_load_reads_the_load_endpoint() -> None:
+    assert chat_load('{"server_load": 2}') == 2
+    assert chat_load('{"server_load": 0}') == 0
+    assert chat_load('{"load": 2}') is None
+    assert chat_load("{not json") is None
+
+
 def test_policy_drops_at_once_and_ramps_up_after_a_quiet_hold() -> None:
     policy = Policy(full=32, floor=2, busy_threshold=1, idle_hold_s=2.0)
     assert policy.next_limit(32, load=3, now=0.0) == 2

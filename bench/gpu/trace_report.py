@@ -138,21 +138,19 @@ def _where(r: dict[str, Any], preempt: str, solo: float | None) -> str:
     rate = f"{w['idle_tok_s']:,} tok/s" if w.get("idle_tok_s") is not None else "-"
     share = f" ({w['idle_tok_s'] / solo:.0%} of alone)" if solo and w.get("idle_tok_s") else ""
     lag = w.get("loop_lag_ms") or {}
-    # Runs before 2026-12-04 sampled on the event loop and had no chatbot gauge.
-    gauge_idle = (
-        f"the chatbot's gauge idle {p50('gauge_idle_after_ms')}, "
-        if "gauge_idle_after_ms" in w
-        else ""
-    )
-    gauge_busy = (
-        f"its gauge busy {p50('gauge_busy_after_ms')}, " if "gauge_busy_after_ms" in w else ""
-    )
+    # Runs before 2026-12-04 sampled on the event loop and read neither chatbot page.
+    idle = busy = ""
+    if "gauge_idle_after_ms" in w:
+        idle = (f"the chatbot's /load idle {p50('load_idle_after_ms')}, its gauge "
+                f"{p50('gauge_idle_after_ms')}, ")  # fmt: skip
+        busy = (f"its /load busy {p50('load_busy_after_ms')}, its gauge "
+                f"{p50('gauge_busy_after_ms')}, ")  # fmt: skip
     return (
         f"- {r['sharing']}, preemption {preempt}: {w['gaps']} gaps, {w['idle_s']} s idle; "
         f"{w['tokens_in_idle']:,} tokens in them, {rate}{share}; {w['tokens_while_chat_busy']:,} "
-        f"while chat was busy. Median from a gap's start: {gauge_idle}the worker saw chat idle "
+        f"while chat was busy. Median from a gap's start: {idle}the worker saw chat idle "
         f"{p50('idle_seen_after_ms')}, the engine generating {p50('generating_after_ms')}; from "
-        f"chat's return: {gauge_busy}the worker saw it busy {p50('busy_seen_after_ms')}. "
+        f"chat's return: {busy}the worker saw it busy {p50('busy_seen_after_ms')}. "
         f"Event-loop lag p50 / p99 / max: {lag.get('p50', '-')} / {lag.get('p99', '-')} / "
         f"{lag.get('max', '-')} ms"
     )

@@ -88,13 +88,13 @@ def feedback_load(
 ) -> sharing.FeedbackLoad:
     """The worker against the feedback engine, `count` requests (default: more than it can
     answer in `seconds`). preempt None: no chat signal at all (raw sharing); True/False:
-    FEEDBACK_PREEMPT with the chatbot's /metrics."""
+    FEEDBACK_PREEMPT with the chatbot's /load."""
     if preempt is None:
         os.environ.pop("FEEDBACK_PREEMPT", None)
     else:
         os.environ["FEEDBACK_PREEMPT"] = "true" if preempt else "false"
     count = count or int(seconds + 60) * run.shape.feedback_in_flight * 4
-    metrics = None if preempt is None else f"{root('chatbot')}/metrics"
+    metrics = None if preempt is None else f"{root('chatbot')}/load"
     return sharing.FeedbackLoad(url("feedback"), "feedback", run.shape, count=count, tag=tag,
                                 chat_metrics_url=metrics)  # fmt: skip
 
@@ -112,7 +112,7 @@ async def _both(
     load = feedback_load(run, tag, chat.replay_s + 60, preempt)
     before = counters()
     worker = asyncio.create_task(load.run())
-    sampler = trace_timeline.Sampler(f"{root('chatbot')}/metrics", f"{root('feedback')}/metrics")
+    sampler = trace_timeline.Sampler(root("chatbot"), f"{root('feedback')}/metrics")
     with sampler:
         await asyncio.sleep(run.warmup)
         t0 = time.monotonic()

@@ -1,8 +1,9 @@
 """Where the harvest goes: a fine timeline of a replay and what it shows.
 
 `Sampler` runs beside the replay. A thread of its own (so a stalled event loop cannot
-delay it) reads, every `interval_s`: the chatbot's running + waiting requests (its
-/metrics: what the worker's poll reads), the worker's own gauges (chat seen busy,
+delay it) reads, every `interval_s`: the chatbot's requests as its /load counts them
+(from arrival: what the worker polls) and as its /metrics gauges show them (running +
+waiting, moved at engine steps), the worker's own gauges (chat seen busy,
 answers paused, requests in flight) and the feedback engine's generated tokens and
 running requests. A 10 ms ticker on the event loop records how late the loop woke it: the
 worker and the replayer share that loop, so a stall delays the worker's chat poll and its
@@ -10,9 +11,9 @@ streams, and the replayer's clock.
 
 `analyse` lays that over chat's client-side idle gaps (no chat request in flight:
 `replay.idle_gaps` of the replay's outcomes): the feedback tokens made inside the gaps and
-while chat was busy; from a gap's start, when the chatbot's gauge read idle, the worker saw
-it idle and the engine was generating again; from chat's return, when the gauge and the
-worker saw it busy; and the loop's lag.
+while chat was busy; from a gap's start, when the chatbot's /load and gauge read idle, the
+worker saw it idle and the engine was generating again; from chat's return, when /load, the
+gauge and the worker saw it busy; and the loop's lag.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ from bench.sharing import pct
 
 GENERATED = "vllm:generation_tokens_total"
 GAUGES = {"busy": "feedback_chat_busy", "paused": "feedback_paused", "in_flight": "feedback_in_flight"}  # fmt: skip
-COLUMNS = ("t", "chat_load", *GAUGES, "fb_generated", "fb_running")
+COLUMNS = ("t", "chat_http", "chat_load", *GAUGES, "fb_generated", "fb_running")
 
 
 class Sampler:
     """`with Sampler(...):` samples from a thread and ticks on the running loop."""
 
-    def __init__(self, chat_metrics_url: str, feedback_metrics_url: str,
+    def __init__(self, chat_root: str, feedback_metrics_url: str,
                  interval_s: float = 0.05) -> None:  # fmt: skip
-        self.urls = (chat_metrics_url, feedback_metrics_url)
+        self.chat_root, self.feedback_url = chat_root, feedback_metrics_url
         self.interval_s = interval_s
         self.cols: dict[str, list[float | None]] = {c: [] for c in COLUMNS}
         self.lag: list[tuple[float, float]] = []  # (monotonic, ms late)
@@ -68,16 +69,20 @@ class Sampler:
             self.lag.append((now, round(max(0.0, now - due) * 1000, 2)))
 
     def _sample(self) -> None:
-        chat_url, feedback_url = self.urls
         with httpx2.Client(timeout=1.0) as client:
             while not self._stop.wait(0 if not self.cols["t"] else self._next()):
                 now = time.monotonic()
                 self.cols["t"].append(now)
-                chat = self._read(client, chat_url, VLLM_LOAD)
+                try:
+                    http = client.get(f"{self.chat_root}/load").json()["server_load"]
+                except (httpx2.HTTPError, ValueError, KeyError, TypeError):
+                    http = None
+                self.cols["chat_http"].append(http)
+                chat = self._read(client, f"{self.chat_root}/metrics", VLLM_LOAD)
                 self.cols["chat_load"].append(chat.vllm_load() if chat else None)
                 for key, name in GAUGES.items():
                     self.cols[key].append(REGISTRY.get_sample_value(name))
-                fb = self._read(client, feedback_url, (GENERATED, VLLM_RUNNING))
+                fb = self._read(client, self.feedback_url, (GENERATED, VLLM_RUNNING))
                 self.cols["fb_generated"].append(fb.value(GENERATED) if fb else None)
                 self.cols["fb_running"].append(fb.value(VLLM_RUNNING) if fb else None)
 
@@ -155,6 +160,7 @@ def analyse(
     t_all = timeline["t"]
     busy = [b == 1 for b in timeline["busy"]]
     gauge = [c is not None and c >= 1 for c in timeline["chat_load"]]
+    http = [c is not None and c >= 1 for c in timeline["chat_http"]]
     # Generating: the engine's counter moved since the previous sample.
     moving = [False] + [later > earlier for earlier, later in itertools.pairwise(gen)]
     back = [b for _, b in gaps if b < window_s]  # chat's returns (not the window's end)
@@ -171,11 +177,13 @@ def analyse(
         "tokens_in_idle": round(in_gaps),
         "tokens_while_chat_busy": round(total - in_gaps),
         "idle_tok_s": round(in_gaps / idle_s) if idle_s else None,
-        # From a gap's start: the chatbot's gauge, the worker, the feedback engine.
+        # From a gap's start: the chatbot's /load and gauge, the worker, the engine.
+        "load_idle_after_ms": after([not h for h in http], starts),
         "gauge_idle_after_ms": after([not g for g in gauge], starts),
         "idle_seen_after_ms": after([not b for b in busy], starts),
         "generating_after_ms": after(moving, starts, ts),
-        # From chat's return: the gauge, then the worker.
+        # From chat's return: /load, the gauge, the worker.
+        "load_busy_after_ms": after(http, back),
         "gauge_busy_after_ms": after(gauge, back),
         "busy_seen_after_ms": after(busy, back),
         "loop_lag_ms": _lag([x for x in timeline["lag_ms"] if x is not None]),

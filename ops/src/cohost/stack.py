@@ -64,7 +64,7 @@ def worker_env(settings: LocalSettings) -> dict[str, str]:
             "FEEDBACK_LLM_MODEL": "feedback",
             "FEEDBACK_MAX_IN_FLIGHT": str(settings.max_num_seqs),
             "FEEDBACK_METRICS_PORT": str(settings.metrics_port),
-            "FEEDBACK_CHAT_METRICS_URL": f"http://{settings.host}:{settings.chatbot_port}/metrics",
+            "FEEDBACK_CHAT_METRICS_URL": f"http://{settings.host}:{settings.chatbot_port}/load",
         }
     )
     return env

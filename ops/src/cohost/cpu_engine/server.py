@@ -47,6 +47,8 @@ def server_command(
         # No graph capture or compilation: halves start time, and on CPU the
         # small models here gain nothing from it.
         "--enforce-eager",
+        # /load: requests in flight from their arrival (the worker's chat signal).
+        "--enable-server-load-tracking",
         "--dtype",
         _cpu_dtype(),
     ]

@@ -27,11 +27,19 @@ def vllm_argv(settings: EngineSettings, service: str, util: float) -> list[str]:
         argv += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
     if settings.kv_cache_dtype != "auto":
         argv += ["--kv-cache-dtype", settings.kv_cache_dtype]
+    # /load: requests in flight from their arrival, the worker's signal to preempt
+    # (feedback.chatload); vLLM keeps one counter for it.
+    argv += [*planned_flags(settings), "--enable-server-load-tracking"]
+    return argv + shlex.split(settings.extra_args)
+
+
+def planned_flags(settings: EngineSettings) -> list[str]:
+    """The plan's flags that vLLM on a GPU and the CPU engine take alike."""
+    argv: list[str] = []
     if settings.stream_interval > 1:
         argv += ["--stream-interval", str(settings.stream_interval)]
     if settings.chat_template:
         argv += ["--chat-template", settings.chat_template]
-    argv += shlex.split(settings.extra_args)
     return argv
 
 

@@ -23,7 +23,7 @@ from typing import NoReturn
 from cohost import nvml
 from cohost.cpu_engine import server
 from cohost.launch import backoff, gate, mps, preflight, settings
-from cohost.launch.command import vllm_argv, vllm_env
+from cohost.launch.command import planned_flags, vllm_argv, vllm_env
 from cohost.launch.exits import EXIT_WRONG_GPU, Refusal, say
 from cohost.units import MIB
 
@@ -86,10 +86,8 @@ def run_cpu(service: str, planned: settings.EngineSettings) -> NoReturn:
         max_model_len=planned.max_model_len,
         max_num_seqs=planned.max_num_seqs,
         python="python3",
-        extra_args=shlex.split(planned.extra_args),
+        extra_args=[*planned_flags(planned), *shlex.split(planned.extra_args)],
     )
-    if planned.chat_template:
-        argv += ["--chat-template", planned.chat_template]
     env = vllm_env(planned, server.server_env(os.environ, kv_cache_gib=planned.cpu_kvcache_gib))
     kv = planned.cpu_kvcache_gib
     say(service, f"CPU engine, KV cache {kv} GiB; starting: {shlex.join(argv)}")

@@ -20,6 +20,7 @@ time, then ramps up as if idle (a dead chatbot needs no protection).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -36,9 +37,20 @@ from feedback.settings import WorkerSettings
 log = structlog.get_logger(__name__)
 
 
-def chat_load(exposition: str) -> int | None:
-    """Running + waiting chat requests from a vLLM /metrics page (None if absent)."""
-    return Metrics.parse(exposition, VLLM_LOAD).vllm_load()
+def chat_load(body: str) -> int | None:
+    """Chat requests from the chatbot's /load or /metrics (None if it says neither).
+
+    /load (vLLM's `--enable-server-load-tracking`, which the launcher turns on) is
+    `{"server_load": N}`: requests counted from their arrival to their last byte, and a
+    few bytes to read. /metrics says running + waiting, which vLLM moves only when it
+    records an engine step, so a new request shows there after its first step
+    (docs/sharing.md), and the page is a few hundred lines to render and parse."""
+    if body.lstrip().startswith("{"):
+        try:
+            return int(json.loads(body)["server_load"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return Metrics.parse(body, VLLM_LOAD).vllm_load()
 
 
 @dataclass

@@ -89,7 +89,7 @@ class WorkerSettings(BaseSettings):
     nack_backoff_max_s: int = Field(default=600, ge=0, le=600)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
 
-    # Chat-first sharing: watch the chatbot engine's /metrics and yield to it.
+    # Chat-first sharing: watch the chatbot engine's /load (or /metrics) and yield to it.
     chat_metrics_url: str | None = None
     # How often to read it; unset: PREEMPT_POLL_S while preempting, else CHAT_FIRST_POLL_S.
     chat_poll_s: float | None = Field(default=None, gt=0)
