@@ -69,6 +69,9 @@ def test_tiny_llama_server_answers_and_stops_on_sigterm() -> None:
         )
         text = reply.choices[0].message.content
         assert text, f"empty completion: {reply}"
+        assert reply.usage is not None
+        assert reply.usage.prompt_tokens > 0
+        assert reply.usage.completion_tokens > 0
 
         # /load counts a request while it streams, and not once it has ended.
         def load() -> int:
@@ -89,9 +92,6 @@ def test_tiny_llama_server_answers_and_stops_on_sigterm() -> None:
         while load() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert load() == 0
-        assert reply.usage is not None
-        assert reply.usage.prompt_tokens > 0
-        assert reply.usage.completion_tokens > 0
 
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)  # the server alone: it must stop its EngineCore itself
