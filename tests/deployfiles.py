@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
 LOCAL = ROOT / "compose.local.yml"
 CPU = ROOT / "compose.cpu.yml"
+MPS = ROOT / "compose.mps.yml"
 WORKER_DOCKERFILE = ROOT / "services" / "feedback" / "Dockerfile"
 ENGINE_DOCKERFILE = ROOT / "services" / "chatbot" / "Dockerfile"
 EMULATOR_DOCKERFILE = ROOT / "services" / "pubsub-emulator" / "Dockerfile"
@@ -42,6 +44,17 @@ WORKER = "feedback-worker"
 ENGINE_PORT = 8000
 # Values tests give the variables compose requires.
 TEST_KEY = "test-key-not-a-secret"
+
+
+def mps_plan(profile: str, out: Path) -> Path:
+    """The shipped plan's own command again with --sharing mps (the shipped plans
+    time-slice): the plan an operator makes for compose.mps.yml."""
+    argv = envfile.command(ROOT / "deploy" / f"{profile}.env")
+    argv[argv.index("--write-env") + 1] = str(out)
+    subprocess.run(
+        [BIN / "cohost", *argv, "--sharing", "mps"], cwd=ROOT, capture_output=True, check=True
+    )
+    return out
 
 
 # ---------------------------------------------------------------- helpers: compose

@@ -2,7 +2,8 @@
 
 - docker-compose.yml and compose.local.yml against the Compose specification's JSON schema
   (check-jsonschema), and every `$` in the compose files a well-formed interpolation;
-- the start order, health gates, GPU sharing, key handling and restart policies;
+- the start order, health gates, GPU sharing (compose.mps.yml for an MPS plan), key
+  handling and restart policies;
 - the worker's service, and the local override that points it at the emulator.
 
 The plan env files and what each container gets from them: test_compose_plans.py; the files
@@ -31,10 +32,12 @@ from tests.deployfiles import (
     ENGINES,
     INTERPOLATION,
     LOCAL,
+    MPS,
     ROOT,
     WORKER,
     WORKER_DOCKERFILE,
     MissingVariable,
+    Tagged,
     depends_on,
     duration_s,
     environment,
@@ -47,9 +50,8 @@ from tests.deployfiles import (
 # ================================================================ schema and linters
 
 
-# compose.cpu.yml uses compose's own `!reset` and `!override` tags, which the schema's YAML
-# reader does not know: compose itself resolves it
-# (test_compose_cli.py::test_cpu_stack_differs_from_the_gpu...).
+# compose.cpu.yml and compose.mps.yml use compose's own `!reset` tag, which the schema's YAML
+# reader does not know: compose itself resolves them (test_compose_cli.py).
 @pytest.mark.parametrize("path", [COMPOSE, LOCAL], ids=lambda p: p.name)
 def test_compose_file_matches_the_compose_specification(path: Path) -> None:
     result = subprocess.run(
@@ -64,7 +66,7 @@ def test_compose_file_matches_the_compose_specification(path: Path) -> None:
 def test_interpolations_are_well_formed() -> None:
     """Every `$` in the compose files is `$$` or a complete ${...}: anything else would be
     read by compose as a variable (a `$` in a health-check command, say)."""
-    for path in (COMPOSE, LOCAL, CPU):
+    for path in (COMPOSE, LOCAL, CPU, MPS):
         for text in strings(load(path)):
             assert "$" not in INTERPOLATION.sub("", text), f"{path.name}: stray $ in {text!r}"
 
@@ -82,7 +84,7 @@ def test_start_order_is_gated_on_health(services: dict[str, dict[str, Any]]) -> 
     assert worker["feedback-engine"].get("required", True) is True
 
 
-@pytest.mark.parametrize("path", [COMPOSE, LOCAL], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, LOCAL, MPS], ids=lambda p: p.name)
 def test_every_dependency_has_a_condition(path: Path) -> None:
     for name, service in load(path)["services"].items():
         for target, how in depends_on(service).items():
@@ -157,7 +159,6 @@ def test_engines_share_one_gpu_its_gate_and_the_caches(
         env["COHOST_LOCK_DIR"]: "gate",
         env["HF_HOME"]: "hugging face cache",
         env["VLLM_CACHE_ROOT"]: "vLLM compile cache",
-        env["CUDA_MPS_PIPE_DIRECTORY"]: "MPS daemon's pipe directory",
     }
     mounts: dict[str, list[str]] = {}
     devices = []
@@ -174,8 +175,9 @@ def test_engines_share_one_gpu_its_gate_and_the_caches(
             source, target = volume.split(":")[:2]
             assert source in compose["volumes"], f"{source}: a named volume"
             mounts.setdefault(target, []).append(source)
-        # Room in /dev/shm: the MPS daemon's, which MPS clients must share with their server.
-        assert service.get("ipc") == "service:mps", "the engines use the MPS daemon's /dev/shm"
+        # Room in /dev/shm for vLLM's own tensor exchange, in the engine's own namespace.
+        assert "ipc" not in service
+        assert parse_bytes(service["shm_size"]) >= 4 * 1024**3, "4 GiB of /dev/shm"
         assert service.get("init") is True
     assert devices[0] == devices[1], "both on the same GPU"
     assert len(devices[0]) == 1, "one GPU"
@@ -186,15 +188,6 @@ def test_engines_share_one_gpu_its_gate_and_the_caches(
     # The gate volume has a fixed name: every compose project of this host shares it.
     gate_volume = mounts[env["COHOST_LOCK_DIR"]][0]
     assert compose["volumes"][gate_volume]["name"]
-    # The MPS daemon: the same GPU, the same pipe directory, the IPC namespace they join.
-    mps = services["mps"]
-    assert mps["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == devices[0]
-    assert (
-        f"{mounts[env['CUDA_MPS_PIPE_DIRECTORY']][0]}:{env['CUDA_MPS_PIPE_DIRECTORY']}"
-        in (mps["volumes"])
-    )
-    assert mps["ipc"] == "shareable"
-    assert parse_bytes(mps["shm_size"]) >= 2 * 4 * 1024**3, "4 GiB of /dev/shm per engine"
 
 
 def parse_bytes(text: str) -> int:
@@ -202,20 +195,38 @@ def parse_bytes(text: str) -> int:
     return int(number) * 1024 ** "_kmg".index(unit or "_")
 
 
-def test_mps_daemon_runs_as_the_engines_and_is_checked(
-    services: dict[str, dict[str, Any]],
+def test_mps_override_adds_the_daemon_on_the_engines_gpu(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
 ) -> None:
-    """The MPS server runs as its clients' uid and a client of another uid waits: the daemon
-    runs as the engines do (the image's user, no override), from the engine image."""
-    mps = services["mps"]
+    """compose.mps.yml, for a plan made with --sharing mps: the GPU's MPS daemon, and both
+    engines as its clients (its IPC namespace, its /dev/shm, its pipe directory)."""
+    mps_file = load(MPS)
+    assert set(mps_file["services"]) == {"mps", *ENGINES}, "the daemon and the engines only"
+    pipe = parse_dockerfile(ENGINE_DOCKERFILE).stages[-1].env()["CUDA_MPS_PIPE_DIRECTORY"]
+    mps = mps_file["services"]["mps"]
+    gpu = services["chatbot"]["deploy"]["resources"]["reservations"]["devices"][0]
+    daemon_gpu = mps["deploy"]["resources"]["reservations"]["devices"][0]
+    assert daemon_gpu["device_ids"] == gpu["device_ids"], "the engines' GPU"
+    assert mps["volumes"] == [f"mps-pipe:{pipe}"]
+    assert "mps-pipe" in mps_file["volumes"]
+    assert mps["ipc"] == "shareable"
+    assert parse_bytes(mps["shm_size"]) >= 2 * 4 * 1024**3, "4 GiB of /dev/shm per engine"
+    for name in ENGINES:
+        engine = mps_file["services"][name]
+        assert engine["ipc"] == "service:mps", "MPS clients share their server's /dev/shm"
+        assert engine["shm_size"] == Tagged("!reset", "null"), "the daemon's /dev/shm, not its own"
+        assert engine["volumes"] == [f"mps-pipe:{pipe}"]
+    # The MPS server runs as its clients' uid and a client of another uid waits: the daemon
+    # runs as the engines do (the image's user, no override), from the engine image.
     assert mps["image"] == services["chatbot"]["image"]
+    assert mps["build"] == services["chatbot"]["build"]
     assert "user" not in mps
     for name in ENGINES:
         assert "user" not in services[name]
     assert mps["entrypoint"] == ["nvidia-cuda-mps-control", "-f"], "foreground, as PID 1's child"
     assert "nvidia-cuda-mps-control" in " ".join(mps["healthcheck"]["test"])
     assert mps["restart"] == "unless-stopped"
-    assert mps["ulimits"]["memlock"] == -1
+    assert mps["ulimits"] == services["chatbot"]["ulimits"]
 
 
 def test_feedback_engine_is_not_published(services: dict[str, dict[str, Any]]) -> None:
@@ -234,7 +245,7 @@ def test_chatbot_key_comes_from_the_environment(services: dict[str, dict[str, An
     with pytest.raises(MissingVariable):
         interpolate(value, {"CHATBOT_API_KEY": ""})
     # No key, token or password is written in any compose file.
-    for path in (COMPOSE, LOCAL, CPU):
+    for path in (COMPOSE, LOCAL, CPU, MPS):
         for name, service in load(path)["services"].items():
             for key, val in environment(service).items():
                 if key.endswith(("API_KEY", "TOKEN", "SECRET", "PASSWORD")):
@@ -250,9 +261,10 @@ def test_restart_policies_bring_every_crash_back(
     faults (a watchdog kill, an MPS fault, an out-of-memory) would leave chat down for good.
     The engines restart unless stopped; the launcher's own back-off keeps a plan that can
     never fit from looping (test_launch.py::test_refusals_in_a_row_back_off...)."""
-    for name in (*ENGINES, "mps", WORKER):
-        assert services[name]["restart"] == "unless-stopped", name
-    for name, service in services.items():
+    mps = load(MPS)["services"]["mps"]
+    for name, service in {**services, "mps": mps}.items():
+        if name in (*ENGINES, "mps", WORKER):
+            assert service["restart"] == "unless-stopped", name
         assert service.get("restart") != "always", name
         assert not str(service.get("restart", "")).startswith("on-failure"), name
         assert "restart_policy" not in (service.get("deploy") or {}), name
@@ -265,10 +277,8 @@ def test_worker_service(services: dict[str, dict[str, Any]]) -> None:
     worker = services[WORKER]
     env = environment(worker)
     assert env["FEEDBACK_LLM_BASE_URL"] == f"http://feedback-engine:{ENGINE_PORT}/v1"
-    # Chat-first is off by default (it measured no gain for chat under MPS); the variable is
-    # passed through so an operator can turn it on without editing the file.
-    assert "FEEDBACK_CHAT_METRICS_URL" in env
-    assert env["FEEDBACK_CHAT_METRICS_URL"] is None
+    # Chat first: the worker preempts its engine calls while the chatbot's /load counts one.
+    assert env["FEEDBACK_CHAT_METRICS_URL"] == f"http://chatbot:{ENGINE_PORT}/load"
     assert env["FEEDBACK_METRICS_PORT"] == "9100"
     assert "GOOGLE_CLOUD_PROJECT" in env
     assert "PUBSUB_EMULATOR_HOST" not in env, "the emulator only in local use"

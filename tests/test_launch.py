@@ -40,6 +40,7 @@ from cohost.units import MIB
 
 from harness.launcher import recorded, recorder
 from harness.mps import FakeMpsDaemon
+from tests.deployfiles import mps_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 L4_TOTAL = 23034 * MIB
@@ -493,9 +494,9 @@ def test_refuses_a_cap_below_the_servers_plan(mps_env: dict[str, str], tmp_path:
 
 
 def test_refuses_a_share_its_plan_did_not_size(mps_env: dict[str, str], tmp_path: Path) -> None:
-    """The shipped L4 plan's feedback server starts with the share it was planned with; the
-    same plan with the share raised (or the priority changed) by hand is refused."""
-    plan = envfile.read(ROOT / "deploy" / "l4.env")
+    """The L4 plan made for MPS: its feedback server starts with the share it was planned
+    with; the same plan with the share raised (or the priority changed) by hand is refused."""
+    plan = envfile.read(mps_plan("l4", tmp_path / "l4-mps.env"))
     free = int(plan["COHOST_GPU_TOTAL_BYTES"]) - 480 * MIB
     fake = tmp_path / "l4.json"
     fake.write_text(reading(free_mib=free // MIB).to_json())

@@ -394,11 +394,17 @@ def test_env_file_carries_the_sharing(capsys: pytest.CaptureFixture[str], tmp_pa
         "--service", f"feedback={QWEN_1_5B},max_model_len=4096,max_num_seqs=32,sm=25",
     ]  # fmt: skip
     mps_env, sliced_env = tmp_path / "mps.env", tmp_path / "sliced.env"
-    assert run_cli(capsys, *argv, "--write-env", str(mps_env))[0] == 0
-    out = run_cli(capsys, *argv[:-1], argv[-1].removesuffix(",sm=25"), "--sharing",
-                  "time-slicing", "--write-env", str(sliced_env))  # fmt: skip
+    assert run_cli(capsys, *argv, "--sharing", "mps", "--write-env", str(mps_env))[0] == 0
+    # The default is time-slicing, where an MPS share means nothing: refused, saying so.
+    refused = run_cli(capsys, *argv, "--write-env", str(sliced_env))
+    assert refused[0] == 2
+    assert "use --sharing mps" in refused[2]
+    assert not sliced_env.exists()
+    out = run_cli(capsys, *argv[:-1], argv[-1].removesuffix(",sm=25"),
+                  "--write-env", str(sliced_env))  # fmt: skip
     assert out[0] == 0
     assert "sharing: time-slicing" in out[1]
+    assert envfile.read(sliced_env)["COHOST_SHARING"] == "time-slicing"
     values = envfile.read(mps_env)
     assert values["COHOST_SHARING"] == "mps"
     assert values["FEEDBACK_ENGINE_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
@@ -415,7 +421,7 @@ def test_env_file_carries_the_sharing(capsys: pytest.CaptureFixture[str], tmp_pa
     )
     # Another share is another plan: more SMs, more memory, another check.
     wide_env = tmp_path / "wide.env"
-    wide = [*argv[:-1], argv[-1].replace("sm=25", "sm=100,priority=normal")]
+    wide = [*argv[:-1], argv[-1].replace("sm=25", "sm=100,priority=normal"), "--sharing", "mps"]
     assert run_cli(capsys, *wide, "--write-env", str(wide_env))[0] == 0
     widened = envfile.read(wide_env)
     assert widened[p + "MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"

@@ -28,6 +28,7 @@ from cohost.units import MIB
 
 from harness.engine import CpuServer
 from harness.pubsub import Project
+from tests.deployfiles import mps_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 L4_PLAN = ROOT / "deploy" / "l4.env"
@@ -102,9 +103,10 @@ def test_gpu_shows_the_sharing_and_each_share(
     base = _reading()
     server = nvml.GpuProcess(303, 66 * MIB, "nvidia-cuda-mps-server")
     _fake(tmp_path, _reading(processes=[*base.processes, server]), monkeypatch)
-    check = checks.check_gpu_memory(L4_PLAN)
+    l4_mps = mps_plan("l4", tmp_path / "l4-mps.env")
+    check = checks.check_gpu_memory(l4_mps)
     assert check.state == "ok", check.summary
-    plan = checks.read_plan(L4_PLAN)[0]
+    plan = checks.read_plan(l4_mps)[0]
     chat_cap = int(plan["CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES"])
     assert check.details["sharing"] == "mps"
     assert f"MPS: chatbot 100% of SMs, normal priority, limit {chat_cap / MIB:,.0f} MiB" in (
@@ -117,6 +119,10 @@ def test_gpu_shows_the_sharing_and_each_share(
         "memory_limit_bytes": int(plan["FEEDBACK_ENGINE_MPS_PINNED_MEMORY_BYTES"]),
     }  # fmt: skip
     assert [p["service"] for p in check.details["processes"]][-1] == "mps-server"
+    # The shipped plan time-slices: no shares.
+    check = checks.check_gpu_memory(L4_PLAN)
+    assert check.details["sharing"] == "time-slicing"
+    assert all(s["mps"] is None for s in check.details["services"])
     # A plan made before MPS (no COHOST_SHARING) is a time-slicing plan.
     old = ROOT / "bench" / "gpu" / "results" / "plans-2026-11-22" / "l4.env"
     check = checks.check_gpu_memory(old)

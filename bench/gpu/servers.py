@@ -197,9 +197,9 @@ def replan(
     return out
 
 
-def time_slicing_plan(run: Run, shipped: Path) -> Path:
-    """The shipped plan's services, planned again with --sharing time-slicing."""
-    return replan(run, shipped, "time-slicing", sharing_mode="time-slicing")
+def sharing_plan(run: Run, shipped: Path, mode: str) -> Path:
+    """The shipped plan's services, planned again with --sharing MODE."""
+    return replan(run, shipped, mode, sharing_mode=mode)
 
 
 def base_env(run: Run) -> dict[str, str]:

@@ -49,8 +49,8 @@ from servers import (
     Run,
     base_env,
     engine_env,
+    sharing_plan,
     start_daemon,
-    time_slicing_plan,
 )
 
 from harness.launcher import fake_card
@@ -73,9 +73,7 @@ def profile_run(run: Run, name: str, steps: list[str], models: Path) -> None:
     daemon: gpuhost.MpsDaemon | None = None
     try:
         for sharing_mode in ("time-slicing", "mps"):
-            plan_path = (
-                time_slicing_plan(run, shipped) if sharing_mode == "time-slicing" else shipped
-            )
+            plan_path = sharing_plan(run, shipped, sharing_mode)
             if sharing_mode == "mps":
                 daemon = start_daemon(run)
             pair = Pair(run, name, plan_path, base, engines)

@@ -40,7 +40,7 @@ from cohost import gpus
 from cohost.plan import envfile
 from cohost.processes import tail
 from cohost_shared import logs
-from servers import ROOT, Pair, Run, base_env, engine_env, start_daemon, time_slicing_plan
+from servers import ROOT, Pair, Run, base_env, engine_env, sharing_plan, start_daemon
 
 from bench.chat_trace import trace
 from harness.launcher import fake_card
@@ -95,7 +95,7 @@ def profile_run(run: Run, name: str, args: argparse.Namespace, chat: trace_steps
         run.note(f"{name}: ballast: {tail(ballast.log_path, 1)}")
     try:
         for mode in args.sharing:
-            plan_path = time_slicing_plan(run, shipped) if mode == "time-slicing" else shipped
+            plan_path = sharing_plan(run, shipped, mode)
             daemon = start_daemon(run) if mode == "mps" else None
             pair = Pair(run, name, plan_path, base, engines)
             try:

@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sharing",
         choices=sharing.MODES,
         default=sharing.DEFAULT_MODE,
-        help="how the servers share the GPU's compute: CUDA MPS (each server its share of the "
-        "SMs, a priority and a memory cap; default) or the driver's time-slicing",
+        help="how the servers share the GPU's compute: the driver's time-slicing (default) or "
+        "CUDA MPS (each server its share of the SMs, a priority and a memory cap)",
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument(
@@ -221,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     k8s = sub.add_parser(
         "k8s",
         help="generate what a Kubernetes overlay reads from a plan",
-        description="Write the plan as a ConfigMap, the GPU share of the unit's MPS daemon "
-        "and of each engine with their node placement, and the chat scaling target, for one "
-        "platform (docs/kubernetes.md).",
+        description="Write the plan as a ConfigMap, the GPU share of each engine (and, for "
+        "an MPS plan, of the unit's MPS daemon) with their node placement, and the chat "
+        "scaling target, for one platform (docs/kubernetes.md).",
     )
     k8s.add_argument("plan", type=Path, metavar="PLAN", help="the plan's env file (deploy/*.env)")
     k8s.add_argument("--platform", required=True, choices=PLATFORMS)

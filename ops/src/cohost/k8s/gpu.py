@@ -1,12 +1,15 @@
 """How a platform's device plugin gives every GPU container of a unit the same GPU.
 
-A unit shares its GPU the way the plan says, with its own CUDA MPS control daemon in the
-Pod (unit.MPS_CONTAINER), exactly as compose does: each engine's `cohost launch` gives vLLM
-the plan's share of the SMs, priority and memory cap (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE,
-CUDA_MPS_CLIENT_PRIORITY, CUDA_MPS_PINNED_DEVICE_MEM_LIMIT). Those are unequal and
-overlapping (chatbot 100 % of the SMs at normal priority, feedback 30 % at low priority,
-each with its own cap): thread percentages are limits, not reservations. So all the
-platform has to do is let the daemon and both engines open one and the same GPU, and
+A unit shares its GPU the way the plan says, exactly as compose does. Under time-slicing
+(the shipped plans) the engines are plain CUDA processes: the driver switches between them
+and the feedback worker keeps chat first by preempting its own engine calls while chat has
+requests (docs/sharing.md). Under MPS the Pod runs its own CUDA MPS control daemon
+(unit.MPS_CONTAINER) and each engine's `cohost launch` gives vLLM the plan's share of the
+SMs, priority and memory cap (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, CUDA_MPS_CLIENT_PRIORITY,
+CUDA_MPS_PINNED_DEVICE_MEM_LIMIT). Those are unequal and overlapping (chatbot 100 % of the
+SMs at normal priority, feedback 30 % at low priority, each with its own cap): thread
+percentages are limits, not reservations. Either way all the platform has to do is let
+every GPU container (both engines, and the daemon under MPS) open one and the same GPU, and
 nothing more. What each platform's own MPS would do instead (read in the plugins' sources):
 
 - GKE (container-engine-accelerators, pkg/gpu/nvidia/manager.go `Envs`): with
@@ -20,10 +23,11 @@ nothing more. What each platform's own MPS would do instead (read in the plugins
 
 Time-slicing on both does exactly what the unit needs: one share per container, no
 environment, no limits (GKE `Envs` returns nothing for time-sharing; the NVIDIA plugin's
-timeSlicing only advertises replicas). The unit's MPS server is then the one CUDA process
-that holds a context on the GPU, and the plan's shares and caps apply as measured. The
-unit requests all N shares, on nodes with exactly one GPU, so that every share is of the
-same GPU and no other Pod gets one.
+timeSlicing only advertises replicas). Under an MPS plan the unit's MPS server is then the
+one CUDA process that holds a context on the GPU, and the plan's shares and caps apply as
+measured. The unit requests all N shares (N = its GPU containers: 2 under time-slicing, 3
+under MPS), on nodes with exactly one GPU, so that every share is of the same GPU and no
+other Pod gets one.
 """
 
 from __future__ import annotations
@@ -69,8 +73,8 @@ def _one_share_each(unit: Unit) -> tuple[int, dict[str, int]]:
     containers = unit.gpu_containers
     if len(containers) > MAX_CLIENTS_PER_GPU:
         raise UnitError(
-            f"{len(containers)} GPU containers (the MPS daemon and {len(unit.engines)} engines) "
-            f"exceed the {MAX_CLIENTS_PER_GPU} clients a GPU can be shared by"
+            f"{len(containers)} GPU containers ({', '.join(containers)}) exceed the "
+            f"{MAX_CLIENTS_PER_GPU} clients a GPU can be shared by"
         )
     return len(containers), dict.fromkeys(containers, 1)
 

@@ -4,8 +4,10 @@
   (kustomize's configMapGenerator would keep `'NVIDIA L4'` quoted). The engines and the
   worker read it with envFrom, as compose's env_file gives them the whole file.
 - `unit-gpu.yaml`: a patch for every unit Deployment: the GPU share of each container that
-  opens the GPU (the MPS daemon and the engines), the node labels and machine types those
-  shares need, and the plan's hash on the Pod template, so a new plan rolls the units.
+  opens the GPU (the engines, and the MPS daemon under an MPS plan), the node labels and
+  machine types those shares need, and the plan's hash on the Pod template, so a new plan
+  rolls the units. Under a time-slicing plan it also deletes the base's MPS daemon
+  container (strategic merge `$patch: delete`): the unit runs no daemon.
 - `chat-scaling.yaml`: the chat trigger's target per unit, from the chatbot's max_num_seqs.
 - `cluster/device-plugin-config.yaml` (GPU Operator only): the device plugin's sharing
   config for the cluster admin to apply.
@@ -86,9 +88,9 @@ def unit_patch(unit: Unit, request: gpus.GpuRequest, values: dict[str, str]) -> 
             "resources": {"limits": {"nvidia.com/gpu": request.shares[container]}},
         }
 
-    # The MPS daemon and every engine but the last are native sidecars (init containers that
-    # keep running), in this order: Kubernetes starts the next one only when the one before
-    # has passed its startupProbe, the order compose gets from its health gates.
+    # The MPS daemon (MPS plans) and every engine but the last are native sidecars (init
+    # containers that keep running), in this order: Kubernetes starts the next one only when
+    # the one before has passed its startupProbe, the order compose gets from its health gates.
     *sidecars, last = unit.gpu_containers
     spec: dict[str, Any] = {"nodeSelector": dict(request.node_labels)}
     if request.machine_types:
@@ -109,7 +111,10 @@ def unit_patch(unit: Unit, request: gpus.GpuRequest, values: dict[str, str]) -> 
                 }
             }
         }
-    spec["initContainers"] = [gpu(c) for c in sidecars]
+    # The base runs the daemon for an MPS plan; a time-slicing plan has no use for it, so it
+    # goes, and the chatbot engine is the first container to start.
+    delete = [] if unit.runs_mps_daemon else [{"name": MPS_CONTAINER, "$patch": "delete"}]
+    spec["initContainers"] = [*delete, *(gpu(c) for c in sidecars)]
     spec["containers"] = [gpu(last)]
     return {
         "apiVersion": "apps/v1",
@@ -132,8 +137,8 @@ def chat_scaling(unit: Unit) -> list[dict[str, Any]]:
 
 
 def device_plugin_config(request: gpus.GpuRequest) -> dict[str, Any]:
-    # Time-slicing whatever the plan: the unit shares the GPU through its own MPS daemon,
-    # and the plugin only has to give the daemon and the engines the same GPU (gpu.py).
+    # Time-slicing whatever the plan: the plugin only has to give every GPU container of the
+    # unit the same GPU; an MPS plan's shares come from the unit's own daemon (gpu.py).
     config = {
         "version": "v1",
         "sharing": {
@@ -156,14 +161,17 @@ def device_plugin_config(request: gpus.GpuRequest) -> dict[str, Any]:
 def _sharing_lines(unit: Unit, request: gpus.GpuRequest) -> list[str]:
     how = (
         "the unit's own MPS daemon applies the plan's shares"
-        if unit.sharing == "mps"
-        else "the plan time-slices; the MPS daemon stays idle"
+        if unit.runs_mps_daemon
+        else "the engines time-slice, no MPS daemon in the unit"
     )
     lines = [
         f"{unit.gpu_name}, plan {unit.sharing}: {request.strategy}, "
         f"{request.clients_per_gpu} shares per GPU, one per container; {how}.",
-        f"  {MPS_CONTAINER}: {request.shares[MPS_CONTAINER]} share, the MPS control daemon",
     ]
+    if unit.runs_mps_daemon:
+        lines.append(
+            f"  {MPS_CONTAINER}: {request.shares[MPS_CONTAINER]} share, the MPS control daemon"
+        )
     for e in unit.engines:
         lines.append(f"  {e.container}: {request.shares[e.container]} share, {e.describe()}")
     return lines

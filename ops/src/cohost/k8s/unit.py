@@ -3,9 +3,11 @@
 Read generically from the env file: every `<SVC>_ENGINE_MODEL` names an engine, so a plan
 with other or more services needs no change here.
 
-Besides its engines, a unit Pod runs the CUDA MPS control daemon of its GPU in a container
-of its own (`MPS_CONTAINER`, deploy/k8s/base/unit), as compose runs its `mps` service: the
-GPU's containers are that daemon and one per engine.
+Under an MPS plan a unit Pod also runs the CUDA MPS control daemon of its GPU in a
+container of its own (`MPS_CONTAINER`, deploy/k8s/base/unit), as compose runs its `mps`
+service with compose.mps.yml: the GPU's containers are then that daemon and one per engine.
+Under a time-slicing plan the unit runs no daemon (render.py deletes the container from the
+base) and the GPU's containers are the engines alone.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from cohost.plan import envfile, sharing
 from cohost.plan.envfile import prefix
 from cohost.units import MIB
 
-# The unit's MPS control daemon (`nvidia-cuda-mps-control -f`): it uses the GPU too, so the
-# platform must give it the engines' GPU. It is rendered for every plan; under time-slicing
-# `cohost launch` keeps vLLM out of it and the idle daemon holds no GPU memory.
+# The unit's MPS control daemon (`nvidia-cuda-mps-control -f`), under an MPS plan only: it
+# uses the GPU too, so the platform must give it the engines' GPU.
 MPS_CONTAINER = "mps"
 
 
@@ -58,9 +59,16 @@ class Unit:
     engines: tuple[Engine, ...]  # in start order (the order of the env file)
 
     @property
+    def runs_mps_daemon(self) -> bool:
+        """Whether the Pod runs the MPS daemon (`MPS_CONTAINER`): under an MPS plan only."""
+        return self.sharing == "mps"
+
+    @property
     def gpu_containers(self) -> tuple[str, ...]:
-        """Every container of the Pod that opens the GPU, in start order: the daemon first."""
-        return (MPS_CONTAINER, *(e.container for e in self.engines))
+        """Every container of the Pod that opens the GPU, in start order: the MPS daemon
+        first when the plan shares through MPS, then the engines."""
+        engines = tuple(e.container for e in self.engines)
+        return (MPS_CONTAINER, *engines) if self.runs_mps_daemon else engines
 
     def engine(self, service: str) -> Engine:
         for e in self.engines:

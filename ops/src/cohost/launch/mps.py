@@ -64,7 +64,7 @@ def wait_for_daemon(service: str, settings: EngineSettings) -> None:
                 f"answers: {problem} (waited {settings.mps_wait_s:.0f} s). Without it vLLM "
                 "would run without its SM share and memory cap. Start the daemon with the "
                 f"same pipe directory: `CUDA_MPS_PIPE_DIRECTORY={pipe} nvidia-cuda-mps-control "
-                "-d` (docker compose: the `mps` service), as the uid the engines run as "
+                "-d` (docker compose: add `-f compose.mps.yml`), as the uid the engines run as "
                 f"({os.getuid()}), or re-plan with `cohost plan ... --sharing time-slicing`.",
             )
         if now >= next_note:

@@ -1,9 +1,10 @@
-"""How the servers share the GPU's compute: CUDA MPS (the default) or time-slicing.
+"""How the servers share the GPU's compute: time-slicing (the default) or CUDA MPS.
 
 Time-slicing is the driver's default: the GPU runs one process's kernels at a time and
 switches between processes, so while the feedback server is busy each of the chatbot's
-steps waits its turn. Chat's time per output token doubled in every such measurement,
-with 2 feedback sequences in flight as with 32 (docs/sharing.md).
+steps waits its turn (chat's time per output token doubled under feedback that never
+paused). The feedback worker's preemption is what keeps chat first: it stops feedback's
+engine calls while chat has requests and resumes them when chat is idle (docs/sharing.md).
 
 Under MPS both servers are clients of one MPS server and their kernels run at the same
 time. When a client starts, CUDA reads its share of the SMs
@@ -34,7 +35,10 @@ from cohost.units import MIB
 
 Sharing = Literal["mps", "time-slicing"]
 MODES: tuple[Sharing, ...] = ("mps", "time-slicing")
-DEFAULT_MODE: Sharing = "mps"
+# Time-slicing: with the worker's preemption it kept chat within its goals on a real chat
+# trace, and a kernel fault in one server costs the other nothing; under MPS the same fault
+# failed most chat requests (docs/sharing.md).
+DEFAULT_MODE: Sharing = "time-slicing"
 # A plan written before `cohost plan --sharing` existed carries no COHOST_SHARING: its
 # servers were started as plain CUDA processes, which time-slice the GPU.
 UNSTATED_MODE: Sharing = "time-slicing"
