@@ -46,15 +46,30 @@ ENGINE_PORT = 8000
 TEST_KEY = "test-key-not-a-secret"
 
 
-def mps_plan(profile: str, out: Path) -> Path:
-    """The shipped plan's own command again with --sharing mps (the shipped plans
-    time-slice): the plan an operator makes for compose.mps.yml."""
-    argv = envfile.command(ROOT / "deploy" / f"{profile}.env")
+def replan(plan: Path, mode: str, out: Path) -> Path:
+    """The `cohost plan` command `plan` records, re-run with `--sharing mode`, its env file
+    at `out`: a plan is only ever changed by planning it again."""
+    argv = envfile.command(plan)
+    assert argv[0] == "plan", argv
+    if "--sharing" in argv:
+        at = argv.index("--sharing")
+        del argv[at : at + 2]
     argv[argv.index("--write-env") + 1] = str(out)
-    subprocess.run(
-        [BIN / "cohost", *argv, "--sharing", "mps"], cwd=ROOT, capture_output=True, check=True
+    result = subprocess.run(
+        [BIN / "cohost", *argv, "--sharing", mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    assert result.returncode == 0, result.stderr
+    assert envfile.sharing_of(envfile.read(out)) == mode
     return out
+
+
+def mps_plan(profile: str, out: Path) -> Path:
+    """The shipped plan (time-slicing) made for MPS: what compose.mps.yml is for."""
+    return replan(ROOT / "deploy" / f"{profile}.env", "mps", out)
 
 
 # ---------------------------------------------------------------- helpers: compose

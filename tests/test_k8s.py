@@ -46,6 +46,7 @@ from feedback.settings import WorkerSettings
 
 from harness.launcher import clean_env, fake_card, recorded, recorder
 from harness.mps import FakeMpsDaemon
+from tests.deployfiles import MPS, load, replan
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -85,23 +86,6 @@ def sharing_of(plan: Path) -> str:
 def other_sharing(plan: Path) -> str:
     (other,) = set(sharing.MODES) - {sharing_of(plan)}
     return other
-
-
-def replan(plan: Path, mode: str, out: Path) -> Path:
-    """The command `plan` records, re-run with `--sharing mode`, its env file at `out`."""
-    argv = envfile.command(plan)
-    assert argv[0] == "plan", argv
-    if "--sharing" in argv:
-        at = argv.index("--sharing")
-        del argv[at : at + 2]
-    argv[argv.index("--write-env") + 1] = str(out)
-    result = subprocess.run(
-        [BIN / "cohost", *argv, "--sharing", mode],
-        cwd=ROOT, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert sharing_of(out) == mode
-    return out
 
 
 # Each overlay as shipped (None), and with its plan re-planned for the other kind of sharing:
@@ -587,7 +571,7 @@ def test_mps_daemon_is_wired_like_compose(overlay: Path, rendered: list[dict[str
     can reach the GPU but through the daemon's directory."""
     if overlay_sharing(overlay) != "mps":
         pytest.skip("a time-slicing unit runs no daemon (test_only_an_mps_unit_runs_the_daemon)")
-    compose_mps = compose_service("mps")
+    compose_mps = load(MPS)["services"]["mps"]  # compose.mps.yml, for MPS plans
     for deployment in units(rendered).values():
         spec = deployment["spec"]["template"]["spec"]
         daemon = spec["initContainers"][0]
@@ -633,34 +617,6 @@ def test_mps_daemon_is_wired_like_compose(overlay: Path, rendered: list[dict[str
             assert order.index(name) > order.index(MPS_CONTAINER), name
         # The daemon holds no plan and no MPS limits of its own: each client sets its own.
         assert not any(e["name"] in MPS_VARIABLES for e in daemon.get("env", []))
-
-
-class _ComposeLoader(yaml.SafeLoader):
-    """Compose files with their merge tags (`!reset`, `!override`) read as plain values."""
-
-
-def _compose_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)  # type: ignore[arg-type]
-
-
-_ComposeLoader.add_multi_constructor("!", _compose_tag)
-
-
-def compose_service(name: str) -> dict[str, Any]:
-    """A compose service as the first compose file that defines it has it (the `mps`
-    service lives in the MPS plans' compose.mps.yml)."""
-    for path in (ROOT / "docker-compose.yml", *sorted(ROOT.glob("compose.*.yml"))):
-        # A SafeLoader subclass: it builds no arbitrary objects.
-        loaded = yaml.load(path.read_text(), Loader=_ComposeLoader)  # noqa: S506
-        services = loaded.get("services") or {}
-        if name in services:
-            found: dict[str, Any] = services[name]
-            return found
-    pytest.fail(f"no compose file defines the {name!r} service")
 
 
 def test_worker_talks_to_its_own_engines(
