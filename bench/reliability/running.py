@@ -51,27 +51,29 @@ def running(
     running; else install, start and finally stop one. `say_engine_start`: a line before
     an own engine starts (the suite's progress has it; the stress run's does not)."""
     logs.mkdir(parents=True, exist_ok=True)
-    own_engine = engine is None
-    if engine is None:
-        ensure_engine(log=say)
-        engine = CpuServer(ensure_model(TEST_MODEL, log=say), free_port(), logs / "engine.log")
-        if say_engine_start:
-            say("starting the engine")
-        engine.start()
-    parts = Parts(Stack(cfg, logs, engine))
-    try:
+    # Everything started here is stopped in reverse, whichever start fails: an own engine
+    # must not outlive a run whose emulator or project could not be set up.
+    with contextlib.ExitStack() as started:
+        if engine is None:
+            ensure_engine(log=say)
+            engine = CpuServer(ensure_model(TEST_MODEL, log=say), free_port(), logs / "engine.log")
+            started.callback(engine.stop)
+            if say_engine_start:
+                say("starting the engine")
+            engine.start()
+        parts = Parts(Stack(cfg, logs, engine))
+        started.callback(parts.stack.stop_emulator)
+
+        def stop_worker() -> None:
+            # It talks to the emulator and the engine, so it stops first. The suite may have
+            # stopped it already, to report how it ended: a second stop does nothing.
+            if parts.supervisor is not None:
+                parts.supervisor.stop()
+
+        started.callback(stop_worker)
         # The Google clients of this process (the producer, the collector) read these.
         with environment(
             PUBSUB_EMULATOR_HOST=parts.stack.emulator_host,
             GOOGLE_CLOUD_PROJECT=parts.stack.project.project_id,
         ):
             yield parts
-    finally:
-        # The reverse of the start: the worker talks to the emulator and the engine. The
-        # suite may have stopped the worker already, to report how it ended: a second stop
-        # does nothing.
-        if parts.supervisor is not None:
-            parts.supervisor.stop()
-        parts.stack.stop_emulator()
-        if own_engine:
-            engine.stop()
