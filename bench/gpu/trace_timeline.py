@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx2
 from cohost_shared.metrics import VLLM_LOAD, VLLM_RUNNING, Metrics
+from feedback.chatload import chat_load
 from prometheus_client import REGISTRY
 
 from bench.chat_trace import replay
@@ -73,9 +74,10 @@ class Sampler:
             while not self._stop.wait(0 if not self.cols["t"] else self._next()):
                 now = time.monotonic()
                 self.cols["t"].append(now)
+                # /load read as the worker reads it (None where it says nothing).
                 try:
-                    http = client.get(f"{self.chat_root}/load").json()["server_load"]
-                except (httpx2.HTTPError, ValueError, KeyError, TypeError):
+                    http = chat_load(client.get(f"{self.chat_root}/load").text)
+                except httpx2.HTTPError:
                     http = None
                 self.cols["chat_http"].append(http)
                 chat = self._read(client, f"{self.chat_root}/metrics", VLLM_LOAD)
