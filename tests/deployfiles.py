@@ -47,16 +47,10 @@ TEST_KEY = "test-key-not-a-secret"
 
 
 def replan(plan: Path, mode: str, out: Path) -> Path:
-    """The `cohost plan` command `plan` records, re-run with `--sharing mode`, its env file
-    at `out`: a plan is only ever changed by planning it again."""
-    argv = envfile.command(plan)
-    assert argv[0] == "plan", argv
-    if "--sharing" in argv:
-        at = argv.index("--sharing")
-        del argv[at : at + 2]
-    argv[argv.index("--write-env") + 1] = str(out)
+    """`plan` planned again with `--sharing mode` by the `cohost` command, its env file at
+    `out`."""
     result = subprocess.run(
-        [BIN / "cohost", *argv, "--sharing", mode],
+        [BIN / "cohost", *envfile.replan_command(plan, out, sharing_mode=mode)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -86,6 +86,31 @@ def test_env_file_is_the_planners_output(path: Path, tmp_path: Path) -> None:
     assert fresh.read_text().replace(str(fresh), recorded) == path.read_text()
 
 
+def test_replan_command_plans_the_same_services_again(tmp_path: Path) -> None:
+    """envfile.replan_command, what the tests and the GPU benches re-plan with: the shipped
+    plan's services, another sharing, a feedback option added, the file where it is asked."""
+    shipped = ROOT / "deploy" / "l4.env"
+    out = tmp_path / "l4-mps-sm50.env"
+    argv = envfile.replan_command(shipped, out, sharing_mode="mps", feedback="sm=50")
+    result = subprocess.run(
+        [BIN / "cohost", *argv], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    values, before = envfile.read(out), envfile.read(shipped)
+    assert envfile.sharing_of(values) == "mps"
+    share = envfile.mps_share(values, "feedback")
+    assert share is not None
+    assert share.sm_percent == 50
+    for key in ("CHATBOT_ENGINE_MODEL", "FEEDBACK_ENGINE_MODEL", "FEEDBACK_MAX_IN_FLIGHT"):
+        assert values[key] == before[key]
+    assert envfile.command(out) == argv
+    assert envfile.replan_command(out, out) == argv  # nothing asked: the same command
+    bad = tmp_path / "bad.env"
+    bad.write_text("# cohost x\n#   cohost launch chatbot\n")
+    with pytest.raises(ValueError, match="not `cohost plan`"):
+        envfile.replan_command(bad, out)
+
+
 @pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
 def test_env_file_reads_the_same_in_a_shell(path: Path) -> None:
     """`set -a; . deploy/l4.env` gives a shell what compose and the launcher read

@@ -177,20 +177,13 @@ def replan(
     """The shipped plan's command run again (`cohost plan`, never a hand edit: the launcher
     refuses an MPS share its plan did not size): another sharing, or `feedback` options
     (`sm=50`, `priority=normal`) added to the feedback service."""
-    argv = envfile.command(shipped)
     out = run.out / "plans" / f"{shipped.stem}-{label}.env"
     out.parent.mkdir(parents=True, exist_ok=True)
-    at = argv.index("--sharing") if "--sharing" in argv else None
-    if at is not None:
-        del argv[at : at + 2]
-    argv[argv.index("--write-env") + 1] = str(out)
-    if feedback:
-        i = next(i for i, a in enumerate(argv) if a.startswith("feedback="))
-        argv[i] += "," + feedback
+    argv = envfile.replan_command(shipped, out, sharing_mode=sharing_mode, feedback=feedback)
     cwd = Path.cwd()
     os.chdir(ROOT)
     try:
-        if cli.main([*argv, "--sharing", sharing_mode]) != 0:
+        if cli.main(argv) != 0:
             raise RuntimeError(f"cohost plan {' '.join(argv)} did not fit")
     finally:
         os.chdir(cwd)

@@ -129,6 +129,26 @@ def command(path: Path) -> list[str]:
     raise ValueError(f"{path} does not record the command that wrote it")
 
 
+def replan_command(
+    path: Path, out: Path, *, sharing_mode: str | None = None, feedback: str = ""
+) -> list[str]:
+    """The cohost arguments that plan `path` again into `out`: its recorded command with
+    `--sharing sharing_mode` in place of its own (where given) and `feedback` options
+    (`sm=50,priority=normal`) added to the feedback service. A plan is only ever changed
+    by planning it again, never by a hand edit: the launcher refuses what it did not size."""
+    argv = command(path)
+    if argv[0] != "plan":
+        raise ValueError(f"{path} was written by `cohost {argv[0]}`, not `cohost plan`")
+    if sharing_mode is not None and "--sharing" in argv:
+        at = argv.index("--sharing")
+        del argv[at : at + 2]
+    argv[argv.index("--write-env") + 1] = str(out)
+    if feedback:
+        at = next(i for i, a in enumerate(argv) if a.startswith("feedback="))
+        argv[at] += "," + feedback
+    return argv if sharing_mode is None else [*argv, "--sharing", sharing_mode]
+
+
 def sharing_of(values: Mapping[str, str]) -> str:
     """The plan's GPU sharing (COHOST_SHARING; a plan without it predates MPS)."""
     return values.get("COHOST_SHARING", sharing.UNSTATED_MODE)
