@@ -131,6 +131,38 @@ def test_execs_vllm_with_the_planned_flags(gpu_env: dict[str, str], tmp_path: Pa
     assert argv[argv.index("--stream-interval") + 1] == "8"
 
 
+def test_cpu_plan_starts_the_cpu_engine_with_its_planned_flags(tmp_path: Path) -> None:
+    """deploy/cpu.env (compose.cpu.yml's plan): no GPU checked, the CPU engine (`python3 -m
+    vllm...api_server`, as in the CPU engine image; here a recorder first on PATH) gets the
+    flags the plan sized its memory for, as a GPU server would."""
+    plan = envfile.read(ROOT / "deploy" / "cpu.env")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    python3 = fake_bin / "python3"
+    python3.write_text(f'#!/bin/sh\nexec {recorder(tmp_path / "started.json")} "$@"\n')
+    python3.chmod(0o755)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CHATBOT_", "COHOST_"))},
+        **plan,
+        "PATH": f"{fake_bin}:{os.environ['PATH']}",
+        "COHOST_LOCK_DIR": str(tmp_path / "locks"),
+        "FEEDBACK_ENGINE_HOST": "127.0.0.1",
+        "FEEDBACK_ENGINE_PORT": str(free_port()),
+    }
+    result = launch("feedback", env)
+    assert result.returncode == 0, result.stderr
+    argv = recorded(tmp_path / "started.json")["argv"]
+    assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(argv[2::2], argv[3::2], strict=False))
+    assert flags["--model"] == plan["FEEDBACK_ENGINE_MODEL"]
+    assert flags["--max-model-len"] == plan["FEEDBACK_ENGINE_MAX_MODEL_LEN"]
+    assert flags["--max-num-seqs"] == plan["FEEDBACK_ENGINE_MAX_NUM_SEQS"]
+    assert flags["--max-num-batched-tokens"] == plan["FEEDBACK_ENGINE_MAX_NUM_BATCHED_TOKENS"]
+    assert argv[argv.index("--stream-interval") + 1] == plan["FEEDBACK_ENGINE_STREAM_INTERVAL"]
+    assert "--enable-server-load-tracking" in argv
+    assert "--gpu-memory-utilization" not in argv
+
+
 def test_refuses_when_the_server_would_not_fit(gpu_env: dict[str, str], tmp_path: Path) -> None:
     Path(gpu_env["COHOST_FAKE_NVML"]).write_text(reading(free_mib=9000).to_json())
     env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json")}

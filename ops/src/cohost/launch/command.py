@@ -23,10 +23,6 @@ def vllm_argv(settings: EngineSettings, service: str, util: float) -> list[str]:
     ]  # fmt: skip
     if settings.kv_cache_memory_bytes:
         argv += ["--kv-cache-memory-bytes", str(settings.kv_cache_memory_bytes)]
-    if settings.max_num_batched_tokens:
-        argv += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
-    if settings.kv_cache_dtype != "auto":
-        argv += ["--kv-cache-dtype", settings.kv_cache_dtype]
     # /load: requests in flight from their arrival, the worker's signal to preempt
     # (feedback.chatload); vLLM keeps one counter for it.
     argv += [*planned_flags(settings), "--enable-server-load-tracking"]
@@ -36,6 +32,11 @@ def vllm_argv(settings: EngineSettings, service: str, util: float) -> list[str]:
 def planned_flags(settings: EngineSettings) -> list[str]:
     """The plan's flags that vLLM on a GPU and the CPU engine take alike."""
     argv: list[str] = []
+    # The plan sized its memory (activations, KV cache) for these two.
+    if settings.max_num_batched_tokens:
+        argv += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
+    if settings.kv_cache_dtype != "auto":
+        argv += ["--kv-cache-dtype", settings.kv_cache_dtype]
     if settings.stream_interval > 1:
         argv += ["--stream-interval", str(settings.stream_interval)]
     if settings.chat_template:
