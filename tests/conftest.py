@@ -5,12 +5,16 @@ each test gets its own Pub/Sub project (so topics never leak between tests) and 
 own worker processes.
 
 The compose file as read (`compose`, `services`) is here too, because the static compose
-tests of more than one module (test_compose.py, test_compose_plans.py) read it.
+tests of more than one module (test_compose.py, test_compose_plans.py) read it; and so is
+each Kubernetes overlay as rendered (`overlay`, `rendered`), which the manifests' tests
+(test_k8s.py) and the unit Pod's (test_k8s_unit.py) both check.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,11 +25,13 @@ import pytest
 from cohost import emulator
 from cohost.cpu_engine.install import ensure_engine
 from cohost.cpu_engine.models import ensure_model
+from cohost.plan import envfile
 from cohost.processes import feedback_setup, free_port
 
 from harness.engine import TEST_MODEL, CpuServer
 from harness.pubsub import Project
-from tests.deployfiles import COMPOSE, load
+from tests.deployfiles import COMPOSE, load, replan
+from tests.k8sfiles import BIN, K8S, ROOT, kustomize, overlay_cases, overlay_plan
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +83,33 @@ def compose() -> dict[str, Any]:
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = compose["services"]
     return found
+
+
+@pytest.fixture(scope="module", params=overlay_cases())
+def overlay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The overlay's folder: the shipped one, or a copy of deploy/k8s whose overlay has
+    generated/ written by the command it records from the re-planned env file."""
+    shipped: Path
+    mode: str | None
+    shipped, mode = request.param
+    if mode is None:
+        return shipped
+    root = tmp_path_factory.mktemp(f"{shipped.name}-{mode}")
+    shutil.copytree(K8S, root / "k8s")
+    copy = root / "k8s" / "overlays" / shipped.name
+    plan = replan(overlay_plan(shipped), mode, root / f"{mode}.env")
+    argv = envfile.command(shipped / "generated" / "plan.yaml")
+    assert argv[0] == "k8s", argv
+    argv[1] = str(plan)
+    argv[argv.index("--write") + 1] = str(copy / "generated")
+    shutil.rmtree(copy / "generated")
+    result = subprocess.run(
+        [BIN / "cohost", *argv], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return copy
+
+
+@pytest.fixture(scope="module")
+def rendered(overlay: Path) -> list[dict[str, Any]]:
+    return kustomize(overlay)

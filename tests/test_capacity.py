@@ -20,7 +20,7 @@ from bench.capacity.sim import (
     load_measured,
     simulate,
 )
-from tests.test_k8s import OVERLAYS, kustomize
+from tests.k8sfiles import OVERLAYS, kustomize
 
 MEASURED = load_measured()
 
