@@ -85,7 +85,8 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-@pytest.fixture(scope="module", params=overlay_cases())
+# Session-scoped: both Kubernetes test modules read the same overlays, built once per case.
+@pytest.fixture(scope="session", params=overlay_cases())
 def overlay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The overlay's folder: the shipped one, or a copy of deploy/k8s whose overlay has
     generated/ written by the command it records from the re-planned env file."""
@@ -110,6 +111,6 @@ def overlay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return copy
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def rendered(overlay: Path) -> list[dict[str, Any]]:
     return kustomize(overlay)
