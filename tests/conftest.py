@@ -29,6 +29,7 @@ from cohost.plan import envfile
 from cohost.processes import feedback_setup, free_port
 
 from harness.engine import TEST_MODEL, CpuServer
+from harness.launcher import l4_chatbot_env
 from harness.pubsub import Project
 from tests.deployfiles import COMPOSE, load, replan
 from tests.k8sfiles import BIN, K8S, ROOT, kustomize, overlay_cases, overlay_plan
@@ -114,3 +115,10 @@ def overlay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def rendered(overlay: Path) -> list[dict[str, Any]]:
     return kustomize(overlay)
+
+
+@pytest.fixture
+def gpu_env(tmp_path: Path) -> dict[str, str]:
+    """A chatbot's plan on an L4 (NVML faked): the launcher tests' starting point
+    (test_launch.py, test_launch_mps.py)."""
+    return l4_chatbot_env(tmp_path)

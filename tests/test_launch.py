@@ -1,4 +1,5 @@
-"""`cohost launch`: preflight refusals and the start gate, with real processes.
+"""`cohost launch`: the planned flags, preflight refusals, the start gate and the watchdog,
+with real processes (under an MPS plan: test_launch_mps.py).
 
 NVML is the only thing faked (COHOST_FAKE_NVML, a GpuReading as JSON); the launcher
 runs as a real subprocess and execs a real command: a small recorder for the argv
@@ -19,7 +20,6 @@ from pathlib import Path
 import httpx2
 import psutil
 import pytest
-from cohost import nvml
 from cohost.cpu_engine.install import ensure_engine
 from cohost.cpu_engine.models import ensure_model
 from cohost.cpu_engine.server import server_env
@@ -29,72 +29,15 @@ from cohost.launch.exits import (
     EXIT_CONFIG,
     EXIT_GATE_TIMEOUT,
     EXIT_NO_MEMORY,
-    EXIT_NO_MPS,
-    EXIT_UNPLANNED_SHARE,
     EXIT_WRONG_GPU,
 )
-from cohost.launch.mps import NO_MPS_PIPE
-from cohost.plan import envfile, sharing
-from cohost.processes import Child, console_script, free_port, http_ok, log_contains, port_free
+from cohost.plan import envfile
+from cohost.processes import Child, free_port, http_ok, log_contains, port_free
 from cohost.units import MIB
 
-from harness.launcher import recorded, recorder
-from harness.mps import FakeMpsDaemon
-from tests.deployfiles import mps_plan
+from harness.launcher import COHOST, L4_TOTAL, l4_reading, launch, recorded, recorder
 
 ROOT = Path(__file__).resolve().parents[1]
-L4_TOTAL = 23034 * MIB
-COHOST = console_script("cohost")
-
-
-def reading(free_mib: int, total: int = L4_TOTAL, uuid: str = "GPU-test-0") -> nvml.GpuReading:
-    return nvml.GpuReading(
-        index=0,
-        name="NVIDIA L4",
-        uuid=uuid,
-        total_bytes=total,
-        reserved_bytes=480 * MIB,
-        free_bytes=free_mib * MIB,
-        used_bytes=total - free_mib * MIB,
-        processes=[nvml.GpuProcess(pid=4242, used_bytes=9000 * MIB, name="vllm serve other")],
-    )
-
-
-@pytest.fixture
-def gpu_env(tmp_path: Path) -> dict[str, str]:
-    fake = tmp_path / "nvml.json"
-    fake.write_text(reading(free_mib=22000).to_json())
-    return {
-        **os.environ,
-        "COHOST_FAKE_NVML": str(fake),
-        "COHOST_LOCK_DIR": str(tmp_path / "locks"),
-        # A refusal that waits answers on the server's port: one of its own, not 8000.
-        "CHATBOT_ENGINE_HOST": "127.0.0.1",
-        "CHATBOT_ENGINE_PORT": str(free_port()),
-        "COHOST_GPU_NAME": "NVIDIA L4",
-        "COHOST_GPU_TOTAL_BYTES": str(L4_TOTAL),
-        "CHATBOT_ENGINE_MODEL": "/models/chat",
-        "CHATBOT_ENGINE_GPU_MEMORY_UTILIZATION": "0.5",
-        "CHATBOT_ENGINE_BUDGET_BYTES": str(11_000 * MIB),
-        "CHATBOT_ENGINE_EXPECTED_PROCESS_BYTES": str(12_000 * MIB),
-        "CHATBOT_ENGINE_KV_CACHE_MEMORY_BYTES": str(5_000 * MIB),
-        "CHATBOT_ENGINE_MAX_MODEL_LEN": "8192",
-        "CHATBOT_ENGINE_MAX_NUM_SEQS": "8",
-        "CHATBOT_ENGINE_MAX_NUM_BATCHED_TOKENS": "2048",
-    }
-
-
-def launch(
-    service: str, env: dict[str, str], timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [COHOST, "launch", service],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_execs_vllm_with_the_planned_flags(gpu_env: dict[str, str], tmp_path: Path) -> None:
@@ -164,7 +107,7 @@ def test_cpu_plan_starts_the_cpu_engine_with_its_planned_flags(tmp_path: Path) -
 
 
 def test_refuses_when_the_server_would_not_fit(gpu_env: dict[str, str], tmp_path: Path) -> None:
-    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(reading(free_mib=9000).to_json())
+    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(l4_reading(free_mib=9000).to_json())
     env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json")}
     result = launch("chatbot", env)
     assert result.returncode == EXIT_NO_MEMORY
@@ -178,7 +121,7 @@ def test_refuses_when_the_server_would_not_fit(gpu_env: dict[str, str], tmp_path
 
 
 def test_refuses_another_card_unless_emulating(gpu_env: dict[str, str], tmp_path: Path) -> None:
-    h100 = reading(free_mib=70000, total=81559 * MIB)
+    h100 = l4_reading(free_mib=70000, total=81559 * MIB)
     Path(gpu_env["COHOST_FAKE_NVML"]).write_text(h100.to_json())
     env = {**gpu_env, "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json")}
     result = launch("chatbot", env)
@@ -232,7 +175,7 @@ def test_a_refusal_waiting_to_exit_shows_in_cohost_status(
     """While a refused launcher waits out its backoff, the port its server would serve
     answers 503 with the refusal: the real `cohost status` says why, how many refusals in a
     row and when it exits. Then it exits with the refusal's code and the port is free."""
-    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(reading(free_mib=9000).to_json())
+    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(l4_reading(free_mib=9000).to_json())
     port = int(gpu_env["CHATBOT_ENGINE_PORT"])
     env = {
         **gpu_env,
@@ -289,7 +232,7 @@ def test_a_refusal_waiting_to_exit_shows_in_cohost_status(
 def test_a_refusal_whose_port_is_taken_waits_and_exits_all_the_same(
     gpu_env: dict[str, str],
 ) -> None:
-    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(reading(free_mib=9000).to_json())
+    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(l4_reading(free_mib=9000).to_json())
     env = {**gpu_env, "COHOST_REFUSAL_BACKOFF_S": "1"}
     _one_refusal_so_far(env)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
@@ -393,171 +336,6 @@ def test_two_launches_at_once_start_one_after_the_other(
     finally:
         for child in children.values():
             child.stop(timeout=30)
-
-
-# --------------------------------------------------------------------------- MPS sharing
-
-LIMIT_MIB = 12_500
-
-
-@pytest.fixture
-def mps_env(gpu_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """The chatbot's plan under MPS sharing; no daemon yet at the pipe directory."""
-    return {
-        **gpu_env,
-        "COHOST_SHARING": "mps",
-        "CHATBOT_ENGINE_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
-        "CHATBOT_ENGINE_MPS_CLIENT_PRIORITY": "0",
-        "CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES": str(LIMIT_MIB * MIB),
-        # What `cohost plan` writes beside a share (cohost.plan.sharing.share_check).
-        "CHATBOT_ENGINE_MPS_SHARE_CHECK": sharing.share_check(
-            100, 0, LIMIT_MIB * MIB, 12_000 * MIB
-        ),
-        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
-        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
-    }
-
-
-def test_starts_vllm_as_an_mps_client_with_the_planned_share(
-    mps_env: dict[str, str], tmp_path: Path
-) -> None:
-    with FakeMpsDaemon(tmp_path / "mps") as daemon:
-        result = launch("chatbot", mps_env)
-    assert result.returncode == 0, result.stderr
-    assert daemon.connections >= 1, "the launcher asked the daemon before starting vLLM"
-    assert recorded(tmp_path / "started.json")["mps"] == {
-        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
-        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
-        "CUDA_MPS_CLIENT_PRIORITY": "0",
-        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={LIMIT_MIB}M",
-    }
-    assert "sharing: CUDA MPS client" in result.stderr
-
-
-def test_refuses_when_no_mps_daemon_answers(mps_env: dict[str, str], tmp_path: Path) -> None:
-    result = launch("chatbot", {**mps_env, "COHOST_MPS_WAIT_S": "2"})
-    assert result.returncode == EXIT_NO_MPS
-    pipe = tmp_path / "mps"
-    assert f"{pipe / 'control'} does not exist" in result.stderr
-    assert f"CUDA_MPS_PIPE_DIRECTORY={pipe} nvidia-cuda-mps-control -d" in result.stderr
-    assert "--sharing time-slicing" in result.stderr
-    assert not (tmp_path / "started.json").exists()
-    # A socket nobody listens on (a daemon that died) is refused the same way.
-    pipe.mkdir()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
-        dead.bind(str(pipe / "control"))
-    result = launch("chatbot", {**mps_env, "COHOST_MPS_WAIT_S": "1"})
-    assert result.returncode == EXIT_NO_MPS
-    assert "does not accept connections" in result.stderr
-
-
-def test_waits_for_a_daemon_that_comes_up(mps_env: dict[str, str], tmp_path: Path) -> None:
-    """A restarted daemon container comes back after the engines: they wait for it."""
-    proc = subprocess.Popen(
-        [COHOST, "launch", "chatbot"], env=mps_env, stderr=subprocess.PIPE, text=True
-    )
-    time.sleep(3)
-    assert proc.poll() is None, "still waiting"
-    with FakeMpsDaemon(tmp_path / "mps"):
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "waiting for the MPS control daemon" in err
-    assert recorded(tmp_path / "started.json")["mps"]
-
-
-def test_an_mps_plan_without_shares_names_what_is_missing(mps_env: dict[str, str]) -> None:
-    env = {k: v for k, v in mps_env.items() if "MPS_CLIENT_PRIORITY" not in k}
-    env.pop("CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES")
-    result = launch("chatbot", env)
-    assert result.returncode == EXIT_CONFIG
-    assert "CHATBOT_ENGINE_MPS_CLIENT_PRIORITY: required when COHOST_SHARING=mps" in result.stderr
-    assert "CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES" in result.stderr
-
-
-def test_time_slicing_keeps_vllm_out_of_a_running_daemon(
-    gpu_env: dict[str, str], tmp_path: Path
-) -> None:
-    env = {
-        **gpu_env,
-        "COHOST_SHARING": "time-slicing",
-        "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps"),
-        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50",  # left over in the environment
-        "CHATBOT_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
-    }
-    with FakeMpsDaemon(tmp_path / "mps"):
-        result = launch("chatbot", env)
-    assert result.returncode == 0, result.stderr
-    assert recorded(tmp_path / "started.json")["mps"] == {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE}
-    assert not Path(NO_MPS_PIPE).exists()
-    assert "time-slicing (not an MPS client)" in result.stderr
-
-
-def test_a_stricter_share_given_by_the_platform_is_kept(
-    mps_env: dict[str, str], tmp_path: Path
-) -> None:
-    """GKE's device plugin gives each container its MPS share in these variables; a client's
-    own can only lower it, so the launcher keeps whichever is stricter."""
-    platform = {
-        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50",
-        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=11G",
-        "CHATBOT_ENGINE_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
-    }
-    with FakeMpsDaemon(tmp_path / "mps"):
-        assert launch("chatbot", {**mps_env, **platform}).returncode == 0
-        stricter = recorded(tmp_path / "started.json")["mps"]
-        looser = {**platform, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=20000M"}
-        assert launch("chatbot", {**mps_env, **looser}).returncode == 0
-        planned = recorded(tmp_path / "started.json")["mps"]
-    assert isinstance(stricter, dict)
-    assert isinstance(planned, dict)
-    assert stricter["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
-    assert stricter["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={11 * 1024}M"
-    assert planned["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={LIMIT_MIB}M"
-
-
-def test_refuses_a_cap_below_the_servers_plan(mps_env: dict[str, str], tmp_path: Path) -> None:
-    with FakeMpsDaemon(tmp_path / "mps"):
-        result = launch(
-            "chatbot", {**mps_env, "CHATBOT_ENGINE_MPS_PINNED_MEMORY_BYTES": str(10_000 * MIB)}
-        )
-    assert result.returncode == EXIT_CONFIG
-    assert "caps chatbot at 10,000 MiB under MPS, but the server needs 12,000 MiB" in result.stderr
-    assert not (tmp_path / "started.json").exists()
-
-
-def test_refuses_a_share_its_plan_did_not_size(mps_env: dict[str, str], tmp_path: Path) -> None:
-    """The L4 plan made for MPS: its feedback server starts with the share it was planned
-    with; the same plan with the share raised (or the priority changed) by hand is refused."""
-    plan = envfile.read(mps_plan("l4", tmp_path / "l4-mps.env"))
-    free = int(plan["COHOST_GPU_TOTAL_BYTES"]) - 480 * MIB
-    fake = tmp_path / "l4.json"
-    fake.write_text(reading(free_mib=free // MIB).to_json())
-    env = {
-        **{k: v for k, v in mps_env.items() if not k.startswith("CHATBOT_")},
-        **plan,
-        "COHOST_FAKE_NVML": str(fake),
-        "FEEDBACK_ENGINE_COMMAND": recorder(tmp_path / "started.json"),
-        # Three refusals in a row of one container: no backoff between them here (it has
-        # its own test), or the third would wait 60 s before exiting.
-        "COHOST_REFUSAL_BACKOFF_S": "0",
-    }
-    with FakeMpsDaemon(tmp_path / "mps"):
-        planned = launch("feedback", env)
-        assert planned.returncode == 0, planned.stderr
-        assert recorded(tmp_path / "started.json")["mps"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == (
-            "30"
-        )
-        (tmp_path / "started.json").unlink()
-        for key, value in (("MPS_ACTIVE_THREAD_PERCENTAGE", "100"), ("MPS_CLIENT_PRIORITY", "0")):
-            result = launch("feedback", {**env, f"FEEDBACK_ENGINE_{key}": value})
-            assert result.returncode == EXIT_UNPLANNED_SHARE, result.stderr
-            assert "is not the one its plan sized memory for" in result.stderr
-            assert "Re-plan with the share you want" in result.stderr
-            assert not (tmp_path / "started.json").exists()
-    missing = {k: v for k, v in env.items() if k != "FEEDBACK_ENGINE_MPS_SHARE_CHECK"}
-    result = launch("feedback", missing)
-    assert result.returncode == EXIT_CONFIG
-    assert "FEEDBACK_ENGINE_MPS_SHARE_CHECK: required when COHOST_SHARING=mps" in result.stderr
 
 
 def alive_after(pids: list[int], timeout: float) -> list[int]:
