@@ -1,9 +1,12 @@
 """Print the capacity table: a few days on L4 units, simulated (sim.py).
 
     uv run python bench/capacity/run.py [--overlay deploy/k8s/overlays/gke-l4] [--measured FILE]
+        [--sharing time-slicing|mps]
 
-The scaling policy is read from the rendered overlay (`kubectl kustomize`), the per-GPU
-numbers from measured.toml. The output is committed in bench/capacity/README.md.
+The scaling policy and the plan's sharing (COHOST_SHARING in the plan's ConfigMap) are read
+from the rendered overlay (`kubectl kustomize`), the per-GPU numbers from measured.toml;
+--sharing simulates the other sharing for comparison. The output is committed in
+bench/capacity/README.md.
 """
 
 from __future__ import annotations
@@ -14,19 +17,21 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
+from cohost.k8s.render import PLAN_CONFIGMAP
+from cohost.plan import envfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench.capacity.shares import SHARINGS, shares
 from bench.capacity.sim import (
     MEASURED,
     Burst,
     Policy,
     Scenario,
-    chat_slowdown,
     engines,
-    feedback_shares,
     load_measured,
     simulate,
     with_burst_max,
@@ -36,16 +41,24 @@ ROOT = Path(__file__).resolve().parents[2]
 HOUR = 3600.0
 
 
-def policy_from(overlay: Path) -> Policy:
+def render(overlay: Path) -> list[dict[str, Any]]:
     rendered = subprocess.run(
         ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True
     ).stdout
-    scaled = {
-        d["metadata"]["name"]: d
-        for d in yaml.safe_load_all(rendered)
-        if d and d["kind"] == "ScaledObject"
-    }
+    return [d for d in yaml.safe_load_all(rendered) if d]
+
+
+def policy_from(docs: list[dict[str, Any]]) -> Policy:
+    scaled = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
     return Policy.from_scaled_objects(scaled)
+
+
+def sharing_from(docs: list[dict[str, Any]]) -> str:
+    """The plan's sharing as the units get it: COHOST_SHARING in the plan's ConfigMap."""
+    (plan,) = (
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == PLAN_CONFIGMAP
+    )
+    return envfile.sharing_of(plan["data"])
 
 
 def ramp(start: float, end: float, from_s: float, to_s: float) -> Callable[[float], float]:
@@ -96,13 +109,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--overlay", type=Path, default=ROOT / "deploy/k8s/overlays/gke-l4")
     parser.add_argument("--measured", type=Path, default=MEASURED)
+    parser.add_argument(
+        "--sharing", choices=SHARINGS, help="instead of the overlay's plan's (for comparison)"
+    )
     args = parser.parse_args()
     m = load_measured(args.measured)
-    policy = policy_from(args.overlay)
+    docs = render(args.overlay)
+    policy = policy_from(docs)
+    sharing: str = args.sharing or sharing_from(docs)
+    source = "--sharing" if args.sharing else "the overlay's plan"
     chat_engine, feedback_engine = engines(m)
     gpu = m["gpu"]
     rate = feedback_engine.requests_per_s(gpu)
-    busy, idle = feedback_shares(m)
+    sh = shares(m, sharing)
     print(
         f"L4 estimates: chat TPOT {1000 * chat_engine.step_s(1, gpu):.0f} ms alone, "
         f"{1000 * chat_engine.step_s(chat_engine.max_num_seqs, gpu):.0f} ms at "
@@ -110,9 +129,10 @@ def main() -> int:
         f"whole GPU ({rate * m['feedback']['output_tokens']:,.0f} tokens/s)"
     )
     print(
-        f"MPS plan (H200 ratios): feedback keeps {idle:.0%} with chat idle ({rate * idle:.1f}/s), "
-        f"{busy:.0%} beside busy chat ({rate * busy:.1f}/s); chat TPOT x{chat_slowdown(m):.2f} "
-        "beside busy feedback"
+        f"sharing {sharing} ({source}), H200 ratios from the {sh.measured}: feedback keeps "
+        f"{sh.alone:.0%} on a unit without chat ({rate * sh.alone:.1f}/s), {sh.idle:.0%} in chat's "
+        f"idle time ({rate * sh.idle:.1f}/s), {sh.busy:.0%} beside busy chat "
+        f"({rate * sh.busy:.2f}/s); chat TPOT x{sh.chat_slowdown:.2f} while feedback has work"
     )
     print(
         f"policy ({args.overlay.relative_to(ROOT) if args.overlay.is_relative_to(ROOT) else args.overlay}): "
@@ -126,8 +146,8 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|---|")
     for scenario in SCENARIOS:
-        r = simulate(scenario, policy, m)
-        base = simulate(scenario.without_feedback(), policy, m)
+        r = simulate(scenario, policy, sharing, m)
+        base = simulate(scenario.without_feedback(), policy, sharing, m)
         per_million = (
             (r.gpu_hours - base.gpu_hours) / r.feedback_total * 1e6
             if r.feedback_total

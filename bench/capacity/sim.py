@@ -1,17 +1,18 @@
 """Capacity and autoscaling of cohost units on GPUs, simulated in 5-second steps.
 
-Inputs: measured.toml (per-GPU numbers, start times, metric lag; each with its source) and
-the scaling policy as the rendered overlay gives it to KEDA (`Policy.from_scaled_objects`).
+Inputs: measured.toml (per-GPU numbers, start times, metric lag; each with its source), the
+scaling policy as the rendered overlay gives it to KEDA (`Policy.from_scaled_objects`) and
+the plan's sharing (COHOST_SHARING, which picks measured.toml's table of that name).
 A scenario is a chat load curve and feedback arrivals; the result says how many units ran,
 when the backlog was drained, whether chat latency held and what it cost in GPU-hours.
 
 The model, in the order a step applies it:
 - chat: sessions x duty cycle = requests in flight, spread evenly over ready chat units;
-  while there is feedback to do, the chat units' feedback engines run beside their
-  chatbots, which then step slower by the measured MPS ratio (`chat_slowdown`);
+  while there is feedback to do, the chat units' chatbots step slower by the measured
+  ratio of the plan's sharing (`Shares.chat_slowdown`);
 - feedback: each ready unit drains at its engine's rate on the whole GPU, scaled by the
-  share it keeps under the plan's MPS while its chatbot is busy (chat units, busy with
-  probability 1 - exp(-in flight per unit)) or idle (burst units take no chat);
+  share it keeps under the plan's sharing (shares.py): a chat unit's while its chatbot is
+  busy (with probability 1 - exp(-in flight per unit)) or idle, a burst unit's (no chat);
 - KEDA: every polling interval, desired units = ceil(metric / threshold) within
   min/max, the metric as it was `lag` seconds ago (Pub/Sub: sampled each minute, visible
   up to two minutes later, read as the maximum over 3 minutes); scale-up at once,
@@ -31,6 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from bench.capacity.shares import shares
 
 STEP_S = 5.0
 HERE = Path(__file__).resolve().parent
@@ -277,21 +280,6 @@ def unit_start_s(m: Mapping[str, Mapping[str, float]], warm: bool) -> float:
     return start["model_download_s"] + start["servers_cold_s"]
 
 
-def feedback_shares(m: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
-    """What a unit's feedback engine keeps of its whole-GPU throughput under the plan's
-    MPS, while its chatbot is busy and while it is idle (measured on the H200)."""
-    fb = m["feedback"]
-    whole = fb["h200_tokens_per_s"]
-    busy, idle = fb["h200_mps_tokens_per_s_chat_busy"], fb["h200_mps_tokens_per_s_chat_idle"]
-    return busy / whole, idle / whole
-
-
-def chat_slowdown(m: Mapping[str, Mapping[str, float]]) -> float:
-    """Chat's time per token while its unit's feedback engine is busy, over chat alone."""
-    chat = m["chat"]
-    return chat["h200_mps_tpot_ms_feedback_busy"] / chat["h200_tpot_ms"]
-
-
 def _duty(
     engine: Engine, step_s: float, chat: Mapping[str, float], gpu: Mapping[str, float]
 ) -> float:
@@ -301,17 +289,19 @@ def _duty(
 
 
 def simulate(
-    scenario: Scenario, policy: Policy, m: Mapping[str, Mapping[str, float]] | None = None
+    scenario: Scenario,
+    policy: Policy,
+    sharing: str,
+    m: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Result:
     m = m or load_measured()
     if scenario.policy_change is not None:
         policy = scenario.policy_change(policy)
     gpu, chat_cfg, lag = m["gpu"], m["chat"], m["metrics"]
     chat_engine, feedback_engine = engines(m)
-    busy_share, idle_share = feedback_shares(m)
-    slowdown = chat_slowdown(m)
-    # A unit's feedback rate with its chatbot idle (all a burst unit ever is).
-    burst_rate = feedback_engine.requests_per_s(gpu) * idle_share
+    sh = shares(m, sharing)
+    whole_rate = feedback_engine.requests_per_s(gpu)
+    burst_rate = whole_rate * sh.alone  # a unit without chat: all a burst unit ever is
     start_s = unit_start_s(m, scenario.warm_caches)
     chat_pool = _Pool(policy.chat, start_s, m)
     burst_pool = _Pool(policy.burst, start_s, m)
@@ -351,13 +341,13 @@ def simulate(
         result.feedback_total += arrived
         if in_flight > 0 and ready_chat:
             # Beside a busy feedback engine (there is a backlog) chat steps slower.
-            tpot_ms = 1000 * chat_engine.step_s(running, gpu) * (slowdown if backlog else 1.0)
+            slowdown = sh.chat_slowdown if backlog else 1.0
+            tpot_ms = 1000 * chat_engine.step_s(running, gpu) * slowdown
             result.worst_tpot_ms = max(result.worst_tpot_ms, tpot_ms)
 
         # Feedback: a chat unit keeps the busy share while its chatbot has requests.
-        busy = 1 - math.exp(-per_unit) if ready_chat and per_unit != math.inf else 0.0
-        chat_unit_share = (busy * busy_share + (1 - busy) * idle_share) / idle_share
-        rate = burst_rate * (ready_chat * chat_unit_share + burst_pool.ready(t))
+        chat_share = sh.chat_unit(per_unit) if ready_chat else 0.0
+        rate = whole_rate * (ready_chat * chat_share + burst_pool.ready(t) * sh.alone)
         backlog = max(0.0, backlog - rate * STEP_S)
         published = first_burst is not None and t + STEP_S > last_arrival
         if published and result.drained_after_s is None and backlog < 1:
