@@ -1,11 +1,11 @@
 """The tables of a trace run (bench/gpu/trace_run.py): `report.py trace RUN_DIR` prints them.
 
 Per profile and load: chat TTFT and TPOT p50/p99 under each sharing and preemption setting
-against chat alone with the same arrivals (alone without MPS where the run has it: the
-card's own speed), feedback tok/s, and the harvest: feedback tok/s over (feedback alone
-tok/s x the chat-idle fraction that load leaves, measured with chat alone). Feedback alone
-is likewise the time-slicing pair's where there is one (the whole card). A harvest above
-100% means feedback also made progress while chat was busy, not only in its idle time.
+against chat alone without MPS with the same arrivals (the card's own speed, the goals'
+baseline), feedback tok/s, and the harvest: feedback tok/s over (feedback alone tok/s x the
+chat-idle fraction that load leaves, measured with chat alone). Feedback alone is the same
+pair's (under MPS, what its share makes). A harvest above 100% means feedback also made
+progress while chat was busy, not only in its idle time.
 
 Several runs (one per session, say) print as one: each row's baselines come from its own
 run where it has them (the same machine), else from the first run that does. Shared rows
@@ -28,10 +28,15 @@ def _rows(paths: list[Path]) -> list[dict[str, Any]]:
 def _baseline(
     rows: list[dict[str, Any]], step: str, run: int | None = None, **match: Any
 ) -> dict[str, Any] | None:
-    """Of `run` if it has one, else of the first run that does: the time-slicing pair's
-    row if there is one, else the MPS pair's."""
+    """Chat alone: without MPS (the goals' baseline: the card's own speed; a chatbot that is
+    an MPS client is slower alone too), of `run` if it has one, else of the first run that
+    does; MPS only where no run has it without. Feedback alone: of `run` (under MPS, its
+    own share), else of the first run that has one."""
     found = [r for r in rows if r["step"] == step and all(r.get(k) == v for k, v in match.items())]
-    found.sort(key=lambda r: (r["run"] != run, r["run"], r["sharing"] != "time-slicing"))
+    if step == "chat_alone":
+        found.sort(key=lambda r: (r["sharing"] != "time-slicing", r["run"] != run, r["run"]))
+    else:
+        found.sort(key=lambda r: (r["run"] != run, r["run"], r["sharing"] != "time-slicing"))
     return found[0] if found else None
 
 
