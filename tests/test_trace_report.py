@@ -55,3 +55,19 @@ def test_mps_rows_are_against_chat_alone_without_mps(
     assert shared[6] == f"{1800 / (8000 * 0.25):.0%}"  # 90%, not 1800 / (8000 x 0.20)
     alone_under_mps = row_of(out, "chat alone (mps, chat-idle 20%)")
     assert alone_under_mps[2] == "20.0 (x1.00) / 1400.0 (x1.40)"
+
+
+def test_harvest_takes_feedback_alone_of_the_same_sharing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run with feedback alone only time-sliced does not lend it to an MPS row of its own
+    run: under MPS feedback alone is what its share makes."""
+    run = write(tmp_path / "run", [
+        {"step": "chat_alone", "sharing": "time-slicing", "chat": chat(1000.0, 5.0, 0.25)},
+        {"step": "feedback_alone", "sharing": "time-slicing", "feedback": {"tokens_per_s": 12e3}},
+        {"step": "feedback_alone", "sharing": "mps", "feedback": {"tokens_per_s": 6e3}},
+        {"step": "shared", "sharing": "mps", "preempt": False, "chat": chat(2000.0, 7.0, 0.1),
+         "feedback": {"tokens_per_s": 3000.0}},
+    ])  # fmt: skip
+    print_tables([run])
+    assert row_of(capsys.readouterr().out, "mps")[6] == f"{3000 / (6000 * 0.25):.0%}"

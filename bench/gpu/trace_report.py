@@ -30,8 +30,8 @@ def _baseline(
 ) -> dict[str, Any] | None:
     """Chat alone: without MPS (the goals' baseline: the card's own speed; a chatbot that is
     an MPS client is slower alone too), of `run` if it has one, else of the first run that
-    does; MPS only where no run has it without. Feedback alone: of `run` (under MPS, its
-    own share), else of the first run that has one."""
+    does; MPS only where no run has it without. Feedback alone (`match` names the sharing:
+    under MPS, what its share makes): of `run`, else of the first run that has one."""
     found = [r for r in rows if r["step"] == step and all(r.get(k) == v for k, v in match.items())]
     if step == "chat_alone":
         found.sort(key=lambda r: (r["sharing"] != "time-slicing", r["run"] != run, r["run"]))
@@ -87,7 +87,9 @@ def print_tables(paths: list[Path]) -> None:
                     )
                     print(_line(r, label, "-", a, None, None))
                 elif r["step"] == "shared":
-                    fb_alone = _baseline(rows, "feedback_alone", r["run"], profile=profile)
+                    fb_alone = _baseline(
+                        rows, "feedback_alone", r["run"], profile=profile, sharing=r["sharing"]
+                    )
                     solo = fb_alone["feedback"]["tokens_per_s"] if fb_alone else None
                     preempt = "on" if r["preempt"] else "off"
                     if r["preempt"] and not r["worker"]["has_preemption"]:
