@@ -246,6 +246,30 @@ def test_a_refusal_whose_port_is_taken_waits_and_exits_all_the_same(
     assert "Traceback" not in result.stderr
 
 
+def test_a_refusal_on_an_ipv6_host_is_answered_there(gpu_env: dict[str, str]) -> None:
+    """A server planned on an IPv6 address (`--host ::1`) is answered there while its
+    launcher waits, as on IPv4."""
+    Path(gpu_env["COHOST_FAKE_NVML"]).write_text(l4_reading(free_mib=9000).to_json())
+    port = int(gpu_env["CHATBOT_ENGINE_PORT"])
+    env = {**gpu_env, "CHATBOT_ENGINE_HOST": "::1", "COHOST_REFUSAL_BACKOFF_S": "5"}
+    _one_refusal_so_far(env)
+    proc = subprocess.Popen(
+        [COHOST, "launch", "chatbot"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"http://[::1]:{port}/health", 503):
+            assert proc.poll() is None, "exited before its wait"
+            assert time.monotonic() < deadline, "no answer on [::1] within 60 s"
+            time.sleep(0.2)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_NO_MEMORY, err
+    assert f"answering on ::1:{port} with 503" in err
+
+
 def _answers(url: str, status: int) -> bool:
     try:
         return httpx2.get(url, timeout=2).status_code == status

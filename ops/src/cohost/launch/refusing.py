@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -99,7 +100,7 @@ def answering(address: tuple[str, int] | None, waiting: Waiting) -> Iterator[Non
         return
     host, port = address
     try:
-        server = ThreadingHTTPServer((host, port), _handler(waiting))
+        server = _server_for(host)((host, port), _handler(waiting))
     except (OSError, OverflowError) as exc:
         say(waiting.service, f"cannot answer on {host}:{port} while waiting: {exc}")
         yield
@@ -112,3 +113,13 @@ def answering(address: tuple[str, int] | None, waiting: Waiting) -> Iterator[Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Ipv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _server_for(host: str) -> type[ThreadingHTTPServer]:
+    """The server for `host` as vLLM's --host takes it: `::` or another IPv6 address binds an
+    IPv6 socket (on Linux `::` takes IPv4 too, by default), anything else an IPv4 one."""
+    return _Ipv6Server if ":" in host else ThreadingHTTPServer
