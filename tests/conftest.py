@@ -31,8 +31,8 @@ from cohost.processes import feedback_setup, free_port
 from harness.engine import TEST_MODEL, CpuServer
 from harness.launcher import l4_chatbot_env
 from harness.pubsub import Project
-from tests.deployfiles import COMPOSE, load, replan
-from tests.k8sfiles import BIN, K8S, ROOT, kustomize, overlay_cases, overlay_plan
+from tests.deployfiles import BIN, COMPOSE, ROOT, load, replan
+from tests.k8sfiles import K8S, kustomize, overlay_cases, overlay_plan
 
 
 @pytest.fixture(scope="session")

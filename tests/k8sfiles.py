@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,12 @@ import pytest
 import yaml
 from cohost.plan import envfile, sharing
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from tests.deployfiles import ROOT, TEST_KEY
+
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 CRDS = sorted((K8S / "crds").glob("*.yaml"))
 CHECKOV = ROOT / "tools" / "checkov" / ".venv" / "bin" / "checkov"
-TEST_KEY = "test-key-not-a-secret"
 ENGINE_SERVICES = ("chatbot", "feedback")
 
 

@@ -25,7 +25,8 @@ from bench.capacity.sim import (
     load_measured,
     simulate,
 )
-from tests.k8sfiles import OVERLAYS, ROOT, kustomize, overlay_sharing
+from tests.deployfiles import ROOT
+from tests.k8sfiles import OVERLAYS, kustomize, overlay_sharing
 
 MEASURED = load_measured()
 TRACE_RUN = ROOT / "bench/gpu/results/trace-2026-12-03b/results.jsonl"

@@ -40,15 +40,13 @@ from cohost.k8s import unit as k8s_unit
 from cohost.k8s.unit import MPS_CONTAINER, UnitError
 from cohost.plan import envfile, sharing
 
-from tests.deployfiles import replan
+from tests.deployfiles import BIN, ROOT, replan
 from tests.k8sfiles import (
-    BIN,
     CHECKOV,
     CRDS,
     ENGINE_SERVICES,
     K8S,
     OVERLAYS,
-    ROOT,
     container_env,
     gpu_shares,
     kustomize,

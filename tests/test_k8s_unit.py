@@ -35,11 +35,9 @@ from feedback.settings import WorkerSettings
 
 from harness.launcher import clean_env, fake_card, recorded, recorder
 from harness.mps import FakeMpsDaemon
-from tests.deployfiles import MPS, load
+from tests.deployfiles import BIN, MPS, TEST_KEY, load
 from tests.k8sfiles import (
-    BIN,
     ENGINE_SERVICES,
-    TEST_KEY,
     container_env,
     env_value,
     gpu_shares,

@@ -188,11 +188,7 @@ def test_a_refusal_waiting_to_exit_shows_in_cohost_status(
         [COHOST, "launch", "chatbot"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"http://127.0.0.1:{port}/health", 503):
-            assert proc.poll() is None, "exited before its wait"
-            assert time.monotonic() < deadline, "no answer on the server's port within 60 s"
-            time.sleep(0.2)
+        _until_it_answers(proc, f"http://127.0.0.1:{port}/health")
         status = subprocess.run(
             [COHOST, "status", "--json", "--chatbot", f"http://127.0.0.1:{port}/v1",
              "--feedback", f"http://127.0.0.1:{free_port()}",
@@ -257,17 +253,22 @@ def test_a_refusal_on_an_ipv6_host_is_answered_there(gpu_env: dict[str, str]) ->
         [COHOST, "launch", "chatbot"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"http://[::1]:{port}/health", 503):
-            assert proc.poll() is None, "exited before its wait"
-            assert time.monotonic() < deadline, "no answer on [::1] within 60 s"
-            time.sleep(0.2)
+        _until_it_answers(proc, f"http://[::1]:{port}/health")
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == EXIT_NO_MEMORY, err
     assert f"answering on ::1:{port} with 503" in err
+
+
+def _until_it_answers(proc: subprocess.Popen[str], url: str) -> None:
+    """Until the refused launcher `proc`, waiting out its backoff, answers 503 at `url`."""
+    deadline = time.monotonic() + 60
+    while not _answers(url, 503):
+        assert proc.poll() is None, "exited before its wait"
+        assert time.monotonic() < deadline, f"no answer at {url} within 60 s"
+        time.sleep(0.2)
 
 
 def _answers(url: str, status: int) -> bool:
