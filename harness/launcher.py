@@ -23,7 +23,13 @@ from cohost.processes import console_script, free_port
 from cohost.units import MIB
 
 L4_TOTAL = 23034 * MIB
-COHOST = console_script("cohost")
+
+
+def cohost() -> str:
+    """The `cohost` console script; looked up on use, so the GPU benches (no `cohost` installed)
+    can import fake_card."""
+    return console_script("cohost")
+
 
 # The prefixes of every setting the launcher, the worker or CUDA's MPS client reads.
 SETTING_PREFIXES = ("CHATBOT_", "FEEDBACK_", "COHOST_", "PUBSUB_", "GOOGLE_", "CUDA_MPS_")
@@ -114,7 +120,7 @@ def launch(
     service: str, env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [COHOST, "launch", service],
+        [cohost(), "launch", service],
         env=env,
         capture_output=True,
         text=True,

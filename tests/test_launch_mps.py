@@ -20,7 +20,7 @@ from cohost.launch.mps import NO_MPS_PIPE
 from cohost.plan import envfile, sharing
 from cohost.units import MIB
 
-from harness.launcher import COHOST, l4_reading, launch, recorded, recorder
+from harness.launcher import cohost, l4_reading, launch, recorded, recorder
 from harness.mps import FakeMpsDaemon
 from tests.deployfiles import mps_plan
 
@@ -81,7 +81,7 @@ def test_refuses_when_no_mps_daemon_answers(mps_env: dict[str, str], tmp_path: P
 def test_waits_for_a_daemon_that_comes_up(mps_env: dict[str, str], tmp_path: Path) -> None:
     """A restarted daemon container comes back after the engines: they wait for it."""
     proc = subprocess.Popen(
-        [COHOST, "launch", "chatbot"], env=mps_env, stderr=subprocess.PIPE, text=True
+        [cohost(), "launch", "chatbot"], env=mps_env, stderr=subprocess.PIPE, text=True
     )
     time.sleep(3)
     assert proc.poll() is None, "still waiting"
