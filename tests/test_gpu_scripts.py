@@ -1,8 +1,10 @@
-"""The GPU benches start where the project is not installed, as on the device machine:
-its own Python, the bundle's packages on PYTHONPATH, no `cohost` console script anywhere.
+"""The GPU benches' plumbing, which device time cannot be spent on finding broken.
 
-A module the benches import that looks a console script up at import time cost a whole
-device call once (2026-12-03): the run died at its first line while the call waited.
+The run scripts start where the project is not installed, as on the device machine: its
+own Python, the bundle's packages on PYTHONPATH, no `cohost` console script anywhere.
+`device.sh wait` returns as soon as the run is done or its process is gone. Both failed
+together once (2026-12-03): a module looked a console script up at import, the run died at
+its first line, and the call waited out its 520 s.
 """
 
 from __future__ import annotations
@@ -43,3 +45,41 @@ def test_bench_script_starts_without_the_project_installed(script: str, tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+def _device_wait(run_dir: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "COHOST_RUN_DIR": str(run_dir), "OUT": str(out)}
+    # `wait 600` against a 60 s timeout: a wait that sat out its deadline fails the test.
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu" / "device.sh"), "wait", "600"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_device_wait_returns_when_the_run_died(tmp_path: Path) -> None:
+    """A run that died without finishing ends the wait (and the device call) at once."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (run_dir / "pid").write_text(f"{dead.pid}\n")
+    (run_dir / "progress.log").write_text("Traceback: the run's last words\n")
+    done = _device_wait(run_dir, tmp_path / "out")
+    assert done.returncode == 1
+    assert "run ended without finishing" in done.stdout
+    assert "the run's last words" in done.stdout
+    assert (tmp_path / "out" / "run.tgz").stat().st_size > 0
+
+
+def test_device_wait_reports_a_finished_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "done").touch()
+    done = _device_wait(run_dir, tmp_path / "out")
+    assert done.returncode == 0
+    assert "== run done" in done.stdout

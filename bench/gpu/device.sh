@@ -8,13 +8,15 @@
 #                                          # sharing_run.py ARGS in the background, then wait
 #   bash bench/gpu/device.sh trace ARGS    # the same with trace_run.py ARGS
 #   bash bench/gpu/device.sh fault         # mps_fault.py (torch + Triton, no vLLM): $OUT/mps-fault.json
-#   bash bench/gpu/device.sh wait [S]      # wait up to S seconds (default 540) for progress
+#   bash bench/gpu/device.sh wait [S]      # wait up to S seconds (default 540) for the run to
+#                                          # finish; returns at once if its process is gone
 #   bash bench/gpu/device.sh skip          # ask the run to skip its optional steps
 #
 # Every call leaves the run's results so far in $OUT/run.tgz and prints the latest lines.
+# COHOST_RUN_DIR moves the run's folder (/tmp/cohost-run; the tests use their own).
 # The run itself is started with setsid, so it outlives the call while the machine is warm.
 set -uo pipefail
-RUN=/tmp/cohost-run
+RUN=${COHOST_RUN_DIR:-/tmp/cohost-run}
 PARTS=/tmp/parts
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PATH="/usr/local/nvidia/bin:$PATH" VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
@@ -29,6 +31,8 @@ install() {
     --target /tmp/site .whl/*.whl || return 1
   python3 -c 'import vllm, structlog, tenacity, openai, httpx2; print("vllm", vllm.__version__)'
 }
+
+alive() { [ ! -s "$RUN/pid" ] || kill -0 "$(cat "$RUN/pid")" 2>/dev/null; }
 
 collect() {
   mkdir -p "$RUN"
@@ -51,7 +55,10 @@ case "${1:-}" in
     shift
     install || exit 1
     mkdir -p "$RUN"
-    setsid nohup python3 "bench/gpu/$script" "$RUN" "$@" > "$RUN/progress.log" 2>&1 < /dev/null &
+    rm -f "$RUN/pid"
+    # The run writes its own pid (setsid may fork, so $! need not be it).
+    setsid nohup bash -c 'echo $$ > "$1/pid"; shift; exec python3 "$@"' run "$RUN" \
+      "bench/gpu/$script" "$RUN" "$@" > "$RUN/progress.log" 2>&1 < /dev/null &
     echo "started: $script $RUN $*"
     bash "$0" wait "${WAIT_S:-480}"
     ;;
@@ -60,10 +67,14 @@ case "${1:-}" in
     python3 bench/gpu/mps_fault.py "$OUT/mps-fault.json" 2>&1 | tail -n 40
     ;;
   wait)
+    # Until the run is done or its process is gone: a run that died at its first line
+    # must not hold the machine (and the session's device time) to the deadline.
     deadline=$((SECONDS + ${2:-540}))
-    while [ $SECONDS -lt $deadline ] && [ ! -e "$RUN/done" ]; do sleep 5; done
+    while [ $SECONDS -lt $deadline ] && [ ! -e "$RUN/done" ] && alive; do sleep 5; done
     collect
-    [ -e "$RUN/done" ] && echo "== run done"
+    if [ -e "$RUN/done" ]; then echo "== run done"
+    elif ! alive; then echo "== run ended without finishing (see the progress above)"; exit 1
+    fi
     ;;
   skip)
     mkdir -p "$RUN" && touch "$RUN/skip-optional" && echo "optional steps will be skipped"
