@@ -139,6 +139,12 @@ class Stack:
         data: dict[str, object] = json.loads(out)[0]
         return data
 
+    def restarts(self, service: str) -> int:
+        """How many times Docker restarted the service's container."""
+        count = self.container(service)["RestartCount"]
+        assert isinstance(count, int)
+        return count
+
     def state(self, service: str) -> dict[str, object]:
         state = self.container(service)["State"]
         assert isinstance(state, dict)

@@ -191,8 +191,10 @@ def test_engines_share_one_gpu_its_gate_and_the_caches(
 
 
 def parse_bytes(text: str) -> int:
-    number, unit = re.fullmatch(r"(\d+)([kmg]?)b?", str(text).lower()).groups()  # type: ignore[union-attr]
-    return int(number) * 1024 ** "_kmg".index(unit or "_")
+    match = re.fullmatch(r"(\d+)([kmg]?)b?", str(text).lower())
+    assert match is not None, f"not a size: {text!r}"
+    number, unit = match.groups()
+    return int(number) << (10 * "_kmg".index(unit or "_"))
 
 
 def test_mps_override_adds_the_daemon_on_the_engines_gpu(

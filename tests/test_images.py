@@ -189,9 +189,9 @@ def imported_distributions(*sources: Path) -> dict[str, set[str]]:
         origin = Path(spec.origin).resolve()
         # The workspace's own packages are installed editable: their files are ours.
         member = next((m for m in MEMBERS if origin.is_relative_to(ROOT / m / "src")), None)
-        dist = owner.get(origin) or (MEMBERS[member] if member else None)
-        assert dist is not None, f"{module} ({spec.origin}) belongs to no installed distribution"
-        found.setdefault(dist, set()).add(module)
+        name = owner.get(origin) or (MEMBERS[member] if member else None)
+        assert name is not None, f"{module} ({spec.origin}) belongs to no installed distribution"
+        found.setdefault(name, set()).add(module)
     return found
 
 

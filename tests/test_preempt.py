@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -108,7 +109,7 @@ def smollm2(logs: Path) -> Iterator[CpuServer]:
         server.stop()
 
 
-def _answers(server: CpuServer, watch: ChatWatch, storm: bool, **extra: object) -> list[Completion]:
+def _answers(server: CpuServer, watch: ChatWatch, storm: bool, **extra: Any) -> list[Completion]:
     settings = WorkerSettings(
         llm_base_url=server.base_url, llm_model=SERVED_NAME, temperature=0.0, **extra
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from cohost_shared.messages import InvalidRequest, Reason, parse_request
-from feedback.engine import Completion, EngineClient
+from feedback.engine import Completion, Create, EngineClient
 from feedback.inprocess import InProcessDelivery, InProcessSink, InProcessSource
 from feedback.jobs import Outcome, Processor
 from feedback.limiter import Limiter
@@ -49,7 +49,9 @@ class NoEngine(EngineClient):
         self.max_model_len = max_model_len
         self.calls = 0
 
-    async def complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], max_tokens: int, create: Create | None = None
+    ) -> Completion:
         self.calls += 1
         return Completion("fine", "feedback", 10, 2)
 

@@ -236,7 +236,8 @@ def test_watch_repeats_until_ctrl_c() -> None:
     lines: list[str] = []
     # Signal only once two frames are out: on a busy machine the interpreter may still be
     # starting after a fixed sleep, and a SIGINT then is not what this test is about.
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: lines.extend(iter(stdout.readline, "")))
     reader.start()
     deadline = time.monotonic() + 120
     while sum("cohost status at" in line for line in lines) < 2:

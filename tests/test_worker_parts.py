@@ -155,7 +155,7 @@ def test_prompt_fences_the_text_and_keeps_instructions_out_of_the_system_role() 
 def _status_error(status: int, message: str) -> openai.APIStatusError:
     request = httpx.Request("POST", "http://engine/v1/chat/completions")
     response = httpx.Response(status, request=request, json={"error": {"message": message}})
-    return openai.APIStatusError(message, response=response, body={"error": {"message": message}})  # type: ignore[arg-type]
+    return openai.APIStatusError(message, response=response, body={"error": {"message": message}})
 
 
 @pytest.mark.parametrize(
