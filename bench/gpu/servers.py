@@ -9,6 +9,8 @@ import json
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,19 @@ class Run:
 
     def skip_optional(self) -> bool:
         return (self.out / "skip-optional").exists()
+
+    def each_profile(self, profiles: Iterable[str], steps: Callable[[str], None]) -> None:
+        """`steps` for each profile: a profile that fails is recorded and the next one runs.
+        Then the run is marked done (`done`, which `device.sh wait` looks for)."""
+        for profile in profiles:
+            try:
+                steps(profile)
+            except Exception:
+                self.record(
+                    {"step": "profile", "profile": profile, "error": traceback.format_exc()}
+                )
+        self.note("done")
+        (self.out / "done").write_text("done\n")
 
 
 # --------------------------------------------------------------------------- the servers

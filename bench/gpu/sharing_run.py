@@ -153,14 +153,11 @@ def main() -> int:
 
         models = ensure_model("tiny-llama")
     per_profile = dict(item.split(":", 1) for item in args.steps.split(";") if ":" in item)
-    for profile in split(args.profiles):
-        steps = list(split(per_profile.get(profile, "")))
-        try:
-            profile_run(run, profile, steps, models)
-        except Exception:
-            run.record({"step": "profile", "profile": profile, "error": traceback.format_exc()})
-    run.note("done")
-    (args.out / "done").write_text("done\n")
+
+    def steps(profile: str) -> None:
+        profile_run(run, profile, list(split(per_profile.get(profile, ""))), models)
+
+    run.each_profile(split(args.profiles), steps)
     return 0
 
 

@@ -162,13 +162,8 @@ def main() -> int:
     chat = trace_steps.Chat(trace.load(args.trace), args.replay_s, shape.prompt_kind)
     run.record({"step": "run", "args": {k: str(v) for k, v in vars(args).items()},
                 "worker_has_preemption": trace_steps.worker_has_preemption()})  # fmt: skip
-    for profile in (s for s in args.profiles.split(",") if s):
-        try:
-            profile_run(run, profile, args, chat)
-        except Exception:
-            run.record({"step": "profile", "profile": profile, "error": traceback.format_exc()})
-    run.note("done")
-    (args.out / "done").write_text("done\n")
+    profiles = (s for s in args.profiles.split(",") if s)
+    run.each_profile(profiles, lambda profile: profile_run(run, profile, args, chat))
     return 0
 
 
