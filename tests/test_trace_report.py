@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.gpu.trace_report import print_tables
+from bench.gpu.trace_report import print_matrix, print_tables
 
 
 def chat(ttft_p99: float, tpot_p99: float, idle: float) -> dict[str, Any]:
@@ -20,9 +20,9 @@ def chat(ttft_p99: float, tpot_p99: float, idle: float) -> dict[str, Any]:
 
 
 def write(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.mkdir()
     base = {"profile": "l4", "load": 0.5}
     lines = [json.dumps({**base, **r}) for r in rows]
+    path.mkdir(parents=True, exist_ok=True)
     (path / "results.jsonl").write_text("\n".join(lines) + "\n")
     return path / "results.jsonl"
 
@@ -71,3 +71,46 @@ def test_harvest_takes_feedback_alone_of_the_same_sharing(
     ])  # fmt: skip
     print_tables([run])
     assert row_of(capsys.readouterr().out, "mps")[6] == f"{3000 / (6000 * 0.25):.0%}"
+
+
+def shared(sharing: str, preempt: bool, ttft_p99: float, tok_s: float) -> dict[str, Any]:
+    return {"step": "shared", "sharing": sharing, "preempt": preempt,
+            "chat": chat(ttft_p99, 5.0, 0.2), "feedback": {"tokens_per_s": tok_s},
+            "worker": {"has_preemption": True}}  # fmt: skip
+
+
+def test_matrix_takes_each_settings_latest_run_against_the_latest_chat_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs given oldest first: a setting measured twice shows the later run's row, named;
+    a run without chat alone is put against the latest run that has it, not the oldest
+    (another machine, older code)."""
+    old = write(tmp_path / "trace-old", [
+        {"step": "chat_alone", "sharing": "time-slicing", "chat": chat(2000.0, 5.0, 0.25)},
+        {"step": "feedback_alone", "sharing": "time-slicing", "feedback": {"tokens_per_s": 1e4}},
+        shared("time-slicing", True, 4000.0, 500.0),
+        shared("time-slicing", False, 9000.0, 6000.0),
+    ])  # fmt: skip
+    new = write(tmp_path / "trace-new", [
+        {"step": "chat_alone", "sharing": "time-slicing", "chat": chat(1000.0, 5.0, 0.5)},
+        {"step": "feedback_alone", "sharing": "time-slicing", "feedback": {"tokens_per_s": 1e4}},
+        shared("time-slicing", True, 1000.0, 4500.0),
+    ])  # fmt: skip
+    mps = write(tmp_path / "trace-mps" / "mps-l4", [
+        {"step": "feedback_alone", "sharing": "mps", "feedback": {"tokens_per_s": 5000.0}},
+        shared("mps", True, 1500.0, 2000.0),
+    ])  # fmt: skip
+    print_matrix([old, new, mps])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| l4 |")]
+    cells = [[c.strip() for c in x.strip("|").split("|")] for x in lines]
+    assert [(c[2], c[3], c[9]) for c in cells] == [
+        ("time-slicing", "on", "trace-new"),
+        ("time-slicing", "off", "trace-old"),
+        ("mps", "on", "trace-mps/mps-l4"),
+    ]
+    ts_on, ts_off, mps_on = cells
+    assert ts_on[4] == "x1.00 / x1.00"
+    assert ts_on[8] == "90%"  # 4500 / (10000 x 0.5)
+    assert ts_off[4] == "x1.00 / x4.50"  # its own run's chat alone, 2000 ms
+    assert mps_on[4] == "x1.00 / x1.50"  # trace-new's chat alone, not trace-old's
+    assert mps_on[8] == "80%"  # 2000 / (5000 x 0.5)

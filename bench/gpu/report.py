@@ -2,6 +2,7 @@
 
     uv run python bench/gpu/report.py calibration|trials|sharing
     uv run python bench/gpu/report.py trace RUN_DIR...  # trace_run.py runs (results.jsonl)
+    uv run python bench/gpu/report.py matrix RUN_DIR... # one line per setting, latest run
 
 Reads deploy/calibration/ and bench/gpu/results/; prints Markdown. The numbers in
 docs/calibration.md and docs/sharing.md are this script's output.
@@ -192,16 +193,18 @@ def sharing() -> None:
             )
 
 
-def trace(run_dirs: list[str]) -> None:
-    """bench/gpu/trace_run.py's rows: chat against chat alone, feedback and its harvest."""
+def trace(run_dirs: list[str], matrix: bool = False) -> None:
+    """bench/gpu/trace_run.py's rows: chat against chat alone, feedback and its harvest;
+    `matrix`: one line per setting, the latest of the runs (given oldest first)."""
     import trace_report
 
-    trace_report.print_tables([Path(d) / "results.jsonl" for d in run_dirs])
+    paths = [Path(d) / "results.jsonl" for d in run_dirs]
+    (trace_report.print_matrix if matrix else trace_report.print_tables)(paths)
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "trace":
+    if sys.argv[1] in ("trace", "matrix"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        trace(sys.argv[2:])
+        trace(sys.argv[2:], matrix=sys.argv[1] == "matrix")
     else:
         {"calibration": calibration, "trials": trials, "sharing": sharing}[sys.argv[1]]()

@@ -1,4 +1,5 @@
-"""The tables of a trace run (bench/gpu/trace_run.py): `report.py trace RUN_DIR` prints them.
+"""The tables of a trace run (bench/gpu/trace_run.py): `report.py trace RUN_DIR` prints them;
+`report.py matrix RUN_DIR...` one line per setting, the latest run's, over every run given.
 
 Per profile and load: chat TTFT and TPOT p50/p99 under each sharing and preemption setting
 against chat alone without MPS with the same arrivals (the card's own speed, the goals'
@@ -7,8 +8,9 @@ chat-idle fraction that load leaves, measured with chat alone). Feedback alone i
 pair's (under MPS, what its share makes). A harvest above 100% means feedback also made
 progress while chat was busy, not only in its idle time.
 
-Several runs (one per session, say) print as one: each row's baselines come from its own
-run where it has them (the same machine), else from the first run that does. Shared rows
+Several runs (one per session, say; given oldest first) print as one: each row's baselines
+come from its own run where it has them (the same machine), else from the latest run that
+does (the code and plans nearest its own). Shared rows
 with a timeline (bench/gpu/trace_timeline.py) get a line on where their feedback tokens
 came from.
 """
@@ -29,15 +31,68 @@ def _baseline(
     rows: list[dict[str, Any]], step: str, run: int | None = None, **match: Any
 ) -> dict[str, Any] | None:
     """Chat alone: without MPS (the goals' baseline: the card's own speed; a chatbot that is
-    an MPS client is slower alone too), of `run` if it has one, else of the first run that
+    an MPS client is slower alone too), of `run` if it has one, else of the latest run that
     does; MPS only where no run has it without. Feedback alone (`match` names the sharing:
-    under MPS, what its share makes): of `run`, else of the first run that has one."""
+    under MPS, what its share makes): of `run`, else of the latest run that has one."""
     found = [r for r in rows if r["step"] == step and all(r.get(k) == v for k, v in match.items())]
     if step == "chat_alone":
-        found.sort(key=lambda r: (r["sharing"] != "time-slicing", r["run"] != run, r["run"]))
+        found.sort(key=lambda r: (r["sharing"] != "time-slicing", r["run"] != run, -r["run"]))
     else:
-        found.sort(key=lambda r: (r["run"] != run, r["run"], r["sharing"] != "time-slicing"))
+        found.sort(key=lambda r: (r["run"] != run, -r["run"], r["sharing"] != "time-slicing"))
     return found[0] if found else None
+
+
+def _against(rows: list[dict[str, Any]], r: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """A row's baselines: chat alone (its `chat` numbers) and feedback alone tok/s under the
+    row's sharing (None for rows without feedback alone, such as chat alone's own)."""
+    alone = _baseline(rows, "chat_alone", r["run"], profile=r["profile"], load=r["load"])
+    fb_alone = _baseline(
+        rows, "feedback_alone", r["run"], profile=r["profile"], sharing=r["sharing"]
+    )
+    solo = fb_alone["feedback"]["tokens_per_s"] if fb_alone else None
+    return (alone["chat"] if alone else {}), solo
+
+
+def _harvest(r: dict[str, Any], solo: float | None, idle: float | None) -> str:
+    fb = r.get("feedback")
+    return f"{fb['tokens_per_s'] / (solo * idle):.0%}" if fb and solo and idle else "-"
+
+
+def _times(value: float, base: float | None) -> str:
+    return f"x{value / base:.2f}" if base else "-"
+
+
+def print_matrix(paths: list[Path]) -> None:
+    """One line per plan, load, sharing and preemption: the latest run's (the runs given
+    oldest first), as ratios to chat alone without MPS, with the run it came from."""
+    rows = _rows(paths)
+    latest: dict[tuple[str, float, str, bool], dict[str, Any]] = {}
+    for r in rows:
+        if r["step"] == "shared" and "error" not in r:
+            latest[(r["profile"], r["load"], r["sharing"], r["preempt"])] = r
+    print("| plan | chat load | sharing | preemption | chat TTFT p50 / p99 | chat TPOT p50 / p99 "
+          "| chat errors | feedback tok/s | harvest | run |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key in sorted(latest, key=lambda k: (k[0], k[1], k[2] != "time-slicing", not k[3])):
+        r = latest[key]
+        alone, solo = _against(rows, r)
+        c = r["chat"]
+        preempt = "on" if r["preempt"] else "off"
+        if r["preempt"] and not r["worker"]["has_preemption"]:
+            preempt = "on (worker without preemption)"
+        ttft = " / ".join(_times(c[k], alone.get(k)) for k in ("ttft_ms_p50", "ttft_ms_p99"))
+        tpot = " / ".join(_times(c[k], alone.get(k)) for k in ("tpot_ms_p50", "tpot_ms_p99"))
+        print(
+            f"| {r['profile']} | {r['load']:.0%} | {r['sharing']} | {preempt} | {ttft} | {tpot} "
+            f"| {c['errors']} of {c['requests']} | {r['feedback']['tokens_per_s']:,.0f} "
+            f"| {_harvest(r, solo, alone.get('idle_fraction'))} | {_run_name(paths[r['run']])} |"
+        )
+
+
+def _run_name(results: Path) -> str:
+    """trace-2026-12-03b, or trace-2026-12-03c/mps-rtx5090 for a run kept in a subfolder."""
+    run = results.parent
+    return run.name if run.name.startswith("trace-") else f"{run.parent.name}/{run.name}"
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -87,10 +142,7 @@ def print_tables(paths: list[Path]) -> None:
                     )
                     print(_line(r, label, "-", a, None, None))
                 elif r["step"] == "shared":
-                    fb_alone = _baseline(
-                        rows, "feedback_alone", r["run"], profile=profile, sharing=r["sharing"]
-                    )
-                    solo = fb_alone["feedback"]["tokens_per_s"] if fb_alone else None
+                    solo = _against(rows, r)[1]
                     preempt = "on" if r["preempt"] else "off"
                     if r["preempt"] and not r["worker"]["has_preemption"]:
                         preempt = "on (worker without preemption: chat-first)"
@@ -129,8 +181,7 @@ def _line(
     tpot = f"{_ratio(c['tpot_ms_p50'], alone.get('tpot_ms_p50'))} / {_ratio(c['tpot_ms_p99'], alone.get('tpot_ms_p99'))}"
     fb = r.get("feedback")
     tok = f"{fb['tokens_per_s']:,.0f}" if fb else "-"
-    harvest = f"{fb['tokens_per_s'] / (solo * idle):.0%}" if fb and solo and idle else "-"
-    return f"| {label} | {preempt} | {ttft} | {tpot} | {c['errors']} of {c['requests']} | {tok} | {harvest} |"
+    return f"| {label} | {preempt} | {ttft} | {tpot} | {c['errors']} of {c['requests']} | {tok} | {_harvest(r, solo, idle)} |"
 
 
 def _where(r: dict[str, Any], preempt: str, solo: float | None) -> str:
