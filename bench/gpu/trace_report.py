@@ -58,6 +58,14 @@ def _harvest(r: dict[str, Any], solo: float | None, idle: float | None) -> str:
     return f"{fb['tokens_per_s'] / (solo * idle):.0%}" if fb and solo and idle else "-"
 
 
+def _preemption(r: dict[str, Any]) -> str:
+    """A shared row's preemption; "on" runs of a worker without it had the older chat-first
+    limit instead (the chat-metrics URL turned that on)."""
+    if not r["preempt"]:
+        return "off"
+    return "on" if r["worker"]["has_preemption"] else "on (worker without preemption: chat-first)"
+
+
 def _times(value: float, base: float | None) -> str:
     return f"x{value / base:.2f}" if base else "-"
 
@@ -77,9 +85,7 @@ def print_matrix(paths: list[Path]) -> None:
         r = latest[key]
         alone, solo = _against(rows, r)
         c = r["chat"]
-        preempt = "on" if r["preempt"] else "off"
-        if r["preempt"] and not r["worker"]["has_preemption"]:
-            preempt = "on (worker without preemption)"
+        preempt = _preemption(r)
         ttft = " / ".join(_times(c[k], alone.get(k)) for k in ("ttft_ms_p50", "ttft_ms_p99"))
         tpot = " / ".join(_times(c[k], alone.get(k)) for k in ("tpot_ms_p50", "tpot_ms_p99"))
         print(
@@ -133,19 +139,17 @@ def print_tables(paths: list[Path]) -> None:
             for r in rows:
                 if r.get("profile") != profile or r.get("load") != load:
                     continue
-                alone = _baseline(rows, "chat_alone", r["run"], profile=profile, load=load)
-                a = alone["chat"] if alone else {}
+                if r["step"] not in ("chat_alone", "shared"):
+                    continue
+                a, solo = _against(rows, r)
                 idle = a.get("idle_fraction")
                 if r["step"] == "chat_alone":
                     label = (
                         f"chat alone ({r['sharing']}, chat-idle {r['chat']['idle_fraction']:.0%})"
                     )
                     print(_line(r, label, "-", a, None, None))
-                elif r["step"] == "shared":
-                    solo = _against(rows, r)[1]
-                    preempt = "on" if r["preempt"] else "off"
-                    if r["preempt"] and not r["worker"]["has_preemption"]:
-                        preempt = "on (worker without preemption: chat-first)"
+                else:
+                    preempt = _preemption(r)
                     print(_line(r, r["sharing"], preempt, a, solo, idle))
                     if "timeline_summary" in r:
                         notes.append(_where(r, preempt, solo))
