@@ -24,13 +24,6 @@ from cohost.units import MIB
 
 L4_TOTAL = 23034 * MIB
 
-
-def cohost() -> str:
-    """The `cohost` console script; looked up on use, so the GPU benches (no `cohost` installed)
-    can import fake_card."""
-    return console_script("cohost")
-
-
 # The prefixes of every setting the launcher, the worker or CUDA's MPS client reads.
 SETTING_PREFIXES = ("CHATBOT_", "FEEDBACK_", "COHOST_", "PUBSUB_", "GOOGLE_", "CUDA_MPS_")
 
@@ -120,7 +113,9 @@ def launch(
     service: str, env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [cohost(), "launch", service],
+        # Looked up here, not at import: the GPU benches import fake_card on a host without
+        # the console script (tests/test_gpu_scripts.py).
+        [console_script("cohost"), "launch", service],
         env=env,
         capture_output=True,
         text=True,

@@ -32,10 +32,10 @@ from cohost.launch.exits import (
     EXIT_WRONG_GPU,
 )
 from cohost.plan import envfile
-from cohost.processes import Child, free_port, http_ok, log_contains, port_free
+from cohost.processes import Child, console_script, free_port, http_ok, log_contains, port_free
 from cohost.units import MIB
 
-from harness.launcher import L4_TOTAL, cohost, l4_reading, launch, recorded, recorder
+from harness.launcher import L4_TOTAL, l4_reading, launch, recorded, recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,12 +185,12 @@ def test_a_refusal_waiting_to_exit_shows_in_cohost_status(
     _one_refusal_so_far(env)
     started = time.monotonic()
     proc = subprocess.Popen(
-        [cohost(), "launch", "chatbot"], env=env, stderr=subprocess.PIPE, text=True
+        [console_script("cohost"), "launch", "chatbot"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         _until_it_answers(proc, f"http://127.0.0.1:{port}/health")
         status = subprocess.run(
-            [cohost(), "status", "--json", "--chatbot", f"http://127.0.0.1:{port}/v1",
+            [console_script("cohost"), "status", "--json", "--chatbot", f"http://127.0.0.1:{port}/v1",
              "--feedback", f"http://127.0.0.1:{free_port()}",
              "--worker", f"http://127.0.0.1:{free_port()}", "--timeout", "5"],
             env=env, capture_output=True, text=True, timeout=60, check=False,
@@ -250,7 +250,7 @@ def test_a_refusal_on_an_ipv6_host_is_answered_there(gpu_env: dict[str, str]) ->
     env = {**gpu_env, "CHATBOT_ENGINE_HOST": "::1", "COHOST_REFUSAL_BACKOFF_S": "5"}
     _one_refusal_so_far(env)
     proc = subprocess.Popen(
-        [cohost(), "launch", "chatbot"], env=env, stderr=subprocess.PIPE, text=True
+        [console_script("cohost"), "launch", "chatbot"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         _until_it_answers(proc, f"http://[::1]:{port}/health")
@@ -340,7 +340,10 @@ def test_two_launches_at_once_start_one_after_the_other(
         })  # fmt: skip
     children = {
         name: Child(
-            name, [cohost(), "launch", name], log_path=tmp_path / f"{name}.log", env=env
+            name,
+            [console_script("cohost"), "launch", name],
+            log_path=tmp_path / f"{name}.log",
+            env=env,
         ).start()
         for name in ports
     }
@@ -397,7 +400,12 @@ def test_watchdog_kills_a_server_that_stopped_answering(
         "COHOST_WATCHDOG_S": "10",
     })  # fmt: skip
     env.pop("CHATBOT_ENGINE_KV_CACHE_MEMORY_BYTES")
-    child = Child("chatbot", [cohost(), "launch", "chatbot"], log_path=tmp_path / "c.log", env=env)
+    child = Child(
+        "chatbot",
+        [console_script("cohost"), "launch", "chatbot"],
+        log_path=tmp_path / "c.log",
+        env=env,
+    )
     child.start()
     try:
         # Healthy as the launcher's keeper saw it: from then on it watches.

@@ -18,9 +18,10 @@ import pytest
 from cohost.launch.exits import EXIT_CONFIG, EXIT_NO_MPS, EXIT_UNPLANNED_SHARE
 from cohost.launch.mps import NO_MPS_PIPE
 from cohost.plan import envfile, sharing
+from cohost.processes import console_script
 from cohost.units import MIB
 
-from harness.launcher import cohost, l4_reading, launch, recorded, recorder
+from harness.launcher import l4_reading, launch, recorded, recorder
 from harness.mps import FakeMpsDaemon
 from tests.deployfiles import mps_plan
 
@@ -81,7 +82,10 @@ def test_refuses_when_no_mps_daemon_answers(mps_env: dict[str, str], tmp_path: P
 def test_waits_for_a_daemon_that_comes_up(mps_env: dict[str, str], tmp_path: Path) -> None:
     """A restarted daemon container comes back after the engines: they wait for it."""
     proc = subprocess.Popen(
-        [cohost(), "launch", "chatbot"], env=mps_env, stderr=subprocess.PIPE, text=True
+        [console_script("cohost"), "launch", "chatbot"],
+        env=mps_env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     time.sleep(3)
     assert proc.poll() is None, "still waiting"

@@ -106,7 +106,7 @@ def _ratio(value: float | None, base: float | None) -> str:
         return "-"
     if not base:
         return f"{value:.1f}"
-    return f"{value:.1f} (x{value / base:.2f})"
+    return f"{value:.1f} ({_times(value, base)})"
 
 
 def print_tables(paths: list[Path]) -> None:
