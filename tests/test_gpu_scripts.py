@@ -9,6 +9,7 @@ its first line, and the call waited out its 520 s.
 
 from __future__ import annotations
 
+import json
 import os
 import site
 import subprocess
@@ -83,3 +84,18 @@ def test_device_wait_reports_a_finished_run(tmp_path: Path) -> None:
     done = _device_wait(run_dir, tmp_path / "out")
     assert done.returncode == 0
     assert "== run done" in done.stdout
+
+
+def test_a_run_records_its_machine_without_a_gpu() -> None:
+    """`host` (the first row of every run): where NVML cannot load, the CPU facts alone."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import json, gpuhost; print(json.dumps(gpuhost.host_facts()))"],
+        cwd=ROOT / "bench" / "gpu", capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    facts = json.loads(out.stdout)
+    assert facts["cpus"] >= facts["cpus_usable"] >= 1
+    assert facts["cpu"]
+    assert len(facts["load_avg"]) == 3
+    assert 0 < facts["probe_ms"] < 10_000
+    if not isinstance(facts["gpu"], dict):
+        assert facts["gpu"].startswith("no NVML")

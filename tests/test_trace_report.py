@@ -84,7 +84,7 @@ def test_matrix_takes_each_settings_latest_run_against_the_latest_chat_alone(
 ) -> None:
     """Runs given oldest first: a setting measured twice shows the later run's row, named;
     a run without chat alone is put against the latest run that has it, not the oldest
-    (another machine, older code)."""
+    (another machine, older code), and says which."""
     old = write(tmp_path / "trace-old", [
         {"step": "chat_alone", "sharing": "time-slicing", "chat": chat(2000.0, 5.0, 0.25)},
         {"step": "feedback_alone", "sharing": "time-slicing", "feedback": {"tokens_per_s": 1e4}},
@@ -106,7 +106,7 @@ def test_matrix_takes_each_settings_latest_run_against_the_latest_chat_alone(
     assert [(c[2], c[3], c[9]) for c in cells] == [
         ("time-slicing", "on", "trace-new"),
         ("time-slicing", "off", "trace-old"),
-        ("mps", "on", "trace-mps/mps-l4"),
+        ("mps", "on", "trace-mps/mps-l4 (alone: trace-new)"),
     ]
     ts_on, ts_off, mps_on = cells
     assert ts_on[4] == "x1.00 / x1.00"
@@ -114,3 +114,19 @@ def test_matrix_takes_each_settings_latest_run_against_the_latest_chat_alone(
     assert ts_off[4] == "x1.00 / x4.50"  # its own run's chat alone, 2000 ms
     assert mps_on[4] == "x1.00 / x1.50"  # trace-new's chat alone, not trace-old's
     assert mps_on[8] == "80%"  # 2000 / (5000 x 0.5)
+
+
+def test_tables_name_each_runs_machine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run's recorded host prints as one line under its name, GPU clocks where read."""
+    run = write(tmp_path / "trace-x", [
+        {"step": "host", "cpu": "Some CPU", "cpus": 16, "cpus_usable": 12,
+         "load_avg": [1.5, 1.0, 0.5], "probe_ms": 9.1,
+         "gpu": {"name": "H200", "driver": "1", "sm_mhz": 1980, "sm_max_mhz": 1980,
+                 "mem_mhz": 3201}},
+        {"step": "chat_alone", "sharing": "time-slicing", "chat": chat(1000.0, 5.0, 0.25)},
+    ])  # fmt: skip
+    print_tables([run])
+    assert (
+        "trace-x: Some CPU, 12 of 16 CPUs usable, load 1.5 / 1.0 / 0.5, probe 9.1 ms; H200, "
+        "SM 1980 of 1980 MHz, memory 3201 MHz"
+    ) in capsys.readouterr().out.splitlines()

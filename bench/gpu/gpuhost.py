@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 # The repository root too: harness/ (what the CPU smoke run fakes) lives there.
@@ -106,6 +108,65 @@ def nvml_memory() -> dict[str, int]:
         }
     finally:
         pynvml.nvmlShutdown()
+
+
+def host_facts() -> dict[str, Any]:
+    """What tells two machines of one kind apart where it moves the CPU-side timings (the
+    worker's resumes, both API servers): the CPU, how many, how busy, a fixed piece of
+    Python work, and the GPU's clocks (idle, at the run's start). Runs of different
+    sessions, same code and plans, differed 2x in the time from chat idle to feedback
+    generating (docs/sharing.md), and recorded nothing that could say why."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                if line.startswith("model name")), platform.machine())  # fmt: skip
+    facts: dict[str, Any] = {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "probe_ms": _probe_ms(),
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # no NVML (the CPU smoke run): the CPU facts alone
+        facts["gpu"] = f"no NVML: {type(exc).__name__}"
+        return facts
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        clock = pynvml.nvmlDeviceGetClockInfo
+        facts["gpu"] = {
+            "name": pynvml.nvmlDeviceGetName(handle),
+            "driver": pynvml.nvmlSystemGetDriverVersion(),
+            "sm_mhz": clock(handle, pynvml.NVML_CLOCK_SM),
+            "sm_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "mem_mhz": clock(handle, pynvml.NVML_CLOCK_MEM),
+        }
+    except pynvml.NVMLError as exc:  # a fact missing must not cost the run
+        facts["gpu"] = f"NVML: {exc}"
+    finally:
+        pynvml.nvmlShutdown()
+    return facts
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _probe_ms() -> float:
+    """Best of 5: encode and decode the bodies of 32 resumed answers of 2,000 token ids each
+    (what the worker and the feedback server parse at every resume), in milliseconds."""
+    body = [{"prompt": list(range(i, i + 2000)), "max_tokens": 256} for i in range(32)]
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for one in body:
+            json.loads(json.dumps(one))
+        best = min(best, time.perf_counter() - start)
+    return round(best * 1000, 2)
 
 
 def wait_gpu_idle(baseline_mib: int, timeout: float = 60) -> None:

@@ -63,7 +63,9 @@ class Run:
 
     def each_profile(self, profiles: Iterable[str], steps: Callable[[str], None]) -> None:
         """`steps` for each profile: a profile that fails is recorded and the next one runs.
-        Then the run is marked done (`done`, which `device.sh wait` looks for)."""
+        First the machine is recorded (`host`: runs on different hosts are compared), last
+        the run is marked done (`done`, which `device.sh wait` looks for)."""
+        self.record({"step": "host", **gpuhost.host_facts()})
         for profile in profiles:
             try:
                 steps(profile)

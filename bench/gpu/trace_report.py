@@ -10,7 +10,9 @@ progress while chat was busy, not only in its idle time.
 
 Several runs (one per session, say; given oldest first) print as one: each row's baselines
 come from its own run where it has them (the same machine), else from the latest run that
-does (the code and plans nearest its own). Shared rows
+does (the code and plans nearest its own), which the matrix names: one setting measured
+in two sessions differed 2x, so a borrowed baseline is a weaker comparison. A run's
+machine (`host`, recorded by the runs after trace-2026-12-03e) prints first. Shared rows
 with a timeline (bench/gpu/trace_timeline.py) get a line on where their feedback tokens
 came from.
 """
@@ -45,12 +47,27 @@ def _baseline(
 def _against(rows: list[dict[str, Any]], r: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
     """A row's baselines: chat alone (its `chat` numbers) and feedback alone tok/s under the
     row's sharing (None for rows without feedback alone, such as chat alone's own)."""
+    alone, fb_alone = _alones(rows, r)
+    solo = fb_alone["feedback"]["tokens_per_s"] if fb_alone else None
+    return (alone["chat"] if alone else {}), solo
+
+
+def _alones(
+    rows: list[dict[str, Any]], r: dict[str, Any]
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The chat alone and feedback alone rows a row is measured against."""
     alone = _baseline(rows, "chat_alone", r["run"], profile=r["profile"], load=r["load"])
     fb_alone = _baseline(
         rows, "feedback_alone", r["run"], profile=r["profile"], sharing=r["sharing"]
     )
-    solo = fb_alone["feedback"]["tokens_per_s"] if fb_alone else None
-    return (alone["chat"] if alone else {}), solo
+    return alone, fb_alone
+
+
+def _borrowed(rows: list[dict[str, Any]], r: dict[str, Any], paths: list[Path]) -> str:
+    """Where a row's baselines come from other runs (other sessions, likely other machines),
+    which: " (alone: RUN)"; "" where all are its own."""
+    others = sorted({a["run"] for a in _alones(rows, r) if a and a["run"] != r["run"]})
+    return f" (alone: {', '.join(_run_name(paths[i]) for i in others)})" if others else ""
 
 
 def _harvest(r: dict[str, Any], solo: float | None, idle: float | None) -> str:
@@ -72,7 +89,8 @@ def _times(value: float, base: float | None) -> str:
 
 def print_matrix(paths: list[Path]) -> None:
     """One line per plan, load, sharing and preemption: the latest run's (the runs given
-    oldest first), as ratios to chat alone without MPS, with the run it came from."""
+    oldest first), as ratios to chat alone without MPS, with the run it came from and the
+    runs its baselines came from where those are others."""
     rows = _rows(paths)
     latest: dict[tuple[str, float, str, bool], dict[str, Any]] = {}
     for r in rows:
@@ -91,7 +109,8 @@ def print_matrix(paths: list[Path]) -> None:
         print(
             f"| {r['profile']} | {r['load']:.0%} | {r['sharing']} | {preempt} | {ttft} | {tpot} "
             f"| {c['errors']} of {c['requests']} | {r['feedback']['tokens_per_s']:,.0f} "
-            f"| {_harvest(r, solo, alone.get('idle_fraction'))} | {_run_name(paths[r['run']])} |"
+            f"| {_harvest(r, solo, alone.get('idle_fraction'))} "
+            f"| {_run_name(paths[r['run']])}{_borrowed(rows, r, paths)} |"
         )
 
 
@@ -111,6 +130,9 @@ def _ratio(value: float | None, base: float | None) -> str:
 
 def print_tables(paths: list[Path]) -> None:
     rows = _rows(paths)
+    for r in rows:
+        if r["step"] == "host":
+            print(_host(r, _run_name(paths[r["run"]])))
     for r in rows:
         if "error" in r:
             print(f"- error in step {r['step']} ({r.get('profile')}, {r.get('sharing')}): "
@@ -215,4 +237,15 @@ def _where(r: dict[str, Any], preempt: str, solo: float | None) -> str:
         f"chat's return: {busy}the worker saw it busy {p50('busy_seen_after_ms')}. "
         f"Event-loop lag p50 / p99 / max: {lag.get('p50', '-')} / {lag.get('p99', '-')} / "
         f"{lag.get('max', '-')} ms"
+    )
+
+
+def _host(r: dict[str, Any], name: str) -> str:
+    """A run's machine (recorded by the runs after trace-2026-12-03e)."""
+    gpu = r.get("gpu")
+    clocks = (f"; {gpu['name']}, SM {gpu['sm_mhz']} of {gpu['sm_max_mhz']} MHz, memory "
+              f"{gpu['mem_mhz']} MHz" if isinstance(gpu, dict) else "")  # fmt: skip
+    return (
+        f"{name}: {r['cpu']}, {r['cpus_usable']} of {r['cpus']} CPUs usable, load "
+        f"{' / '.join(str(x) for x in r['load_avg'])}, probe {r['probe_ms']} ms{clocks}"
     )
