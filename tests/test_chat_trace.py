@@ -4,6 +4,7 @@ and on the real trace, the idle fraction, and a short replay against a real CPU 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,29 @@ def test_a_short_replay_against_a_real_cpu_server(engine: CpuServer) -> None:
     assert 0 < s["idle_fraction"] < 1
     assert s["requests"] == 3
     assert s["errors"] == 0
+
+
+@pytest.mark.engine
+def test_a_replay_apart_starts_at_the_instant_given(engine: CpuServer) -> None:
+    """`Apart` replays in a spawned process (chat's client off the worker's event loop) on
+    the same monotonic clock: `start_at` is this process's instant, and the outcomes are
+    relative to it, as the shared steps' timeline needs."""
+    prompts = replay.PromptMaker(engine.root, SERVED_NAME)
+    requests = [Request(0.0, 60, 4), Request(0.5, 40, 3)]
+
+    async def go() -> tuple[list[Outcome], float, float, float]:
+        await prompts.calibrate()
+        await prompts.prepare(requests)
+        with replay.Apart() as apart:
+            start_at = time.monotonic() + 1.5  # past the process's start: it waits
+            outcomes, window = await apart.replay(
+                engine.base_url, SERVED_NAME, requests, prompts, start_at=start_at
+            )
+        return outcomes, window, start_at, time.monotonic()
+
+    outcomes, window, start_at, done = asyncio.run(go())
+    assert [o.error for o in outcomes] == [None, None]
+    assert [o.completion_tokens for o in outcomes] == [4, 3]
+    assert outcomes[0].started_s == pytest.approx(0.0, abs=0.2)
+    assert outcomes[1].started_s == pytest.approx(0.5, abs=0.2)
+    assert 0 < window <= done - start_at

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -158,13 +159,17 @@ async def replay(
     duration_s: float = 0.0,
     drain_s: float = 120.0,
     timeout_s: float = 120.0,
+    start_at: float | None = None,
 ) -> tuple[list[Outcome], float]:
     """Send each request at its time; wait up to `drain_s` after the last arrival for the
     ones in flight (those still running then count as errors), and at least until
-    `duration_s` from the start. Returns the outcomes, times relative to the start, and the
-    window's length (the start to the later of `duration_s` and the last request's end)."""
+    `duration_s` from the start (`start_at`, a `time.monotonic()` instant, else now).
+    Returns the outcomes, times relative to the start, and the window's length (the start
+    to the later of `duration_s` and the last request's end)."""
     client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=timeout_s)
-    start = time.monotonic()
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    start = time.monotonic() if start_at is None else start_at
     tasks: list[asyncio.Task[Outcome]] = []
     try:
         for i, request in enumerate(requests):
@@ -192,6 +197,43 @@ async def replay(
         outcomes.append(o)
     window = max([o.ended_s for o in outcomes] + [duration_s])
     return outcomes, window
+
+
+class Apart:
+    """Replays in a process of their own, as chat's clients are in production. Beside the
+    feedback worker in one event loop, each side's client slowed the other: chat's first
+    token waited on the worker's chunks, the worker's reaction to chat on chat's chunks.
+    `with Apart() as apart:` starts the process (a spawned Python imports for a second or
+    more, so start it before the warm-up); `await apart.replay(...)`, as `replay` with
+    `start_at`, whose monotonic clock the process shares."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: this process runs threads (the timeline's sampler), which fork would copy.
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def __enter__(self) -> Apart:
+        self._pool.submit(time.monotonic).result()  # started and imported
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def replay(
+        self, url: str, model: str, requests: Sequence[Request], prompts: PromptMaker,
+        **options: Any,
+    ) -> tuple[list[Outcome], float]:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        call = functools.partial(_replay_here, url, model, list(requests), prompts, options)
+        return await loop.run_in_executor(self._pool, call)
+
+
+def _replay_here(
+    url: str, model: str, requests: list[Request], prompts: PromptMaker, options: dict[str, Any]
+) -> tuple[list[Outcome], float]:
+    return asyncio.run(replay(url, model, requests, prompts, **options))
 
 
 def idle_gaps(outcomes: Sequence[Outcome], window_s: float) -> list[tuple[float, float]]:

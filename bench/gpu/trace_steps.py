@@ -2,8 +2,9 @@
 alone, both (feedback through the worker, with or without preemption), and a GPU fault
 while both run. Each step appends its row to the run's results (servers.Run.record).
 
-Chat is the trace replayer (bench/chat_trace) at a fraction of the capacity; the same
-fraction always replays the same arrivals and sizes. Feedback is the worker's real pipeline
+Chat is the trace replayer (bench/chat_trace) at a fraction of the capacity, in a process
+of its own (`replay.Apart`, since the runs after trace-2026-12-03e; before, it shared the
+worker's event loop); the same fraction always replays the same arrivals and sizes. Feedback is the worker's real pipeline
 fed by an in-process source (bench/sharing.py's FeedbackLoad), enough requests to stay
 saturated; with preemption it gets FEEDBACK_PREEMPT=true and FEEDBACK_CHAT_METRICS_URL.
 """
@@ -111,15 +112,16 @@ async def _both(
     prompts = await _prompts(chat, requests)
     load = feedback_load(run, tag, chat.replay_s + 60, preempt)
     before = counters()
-    worker = asyncio.create_task(load.run())
-    sampler = trace_timeline.Sampler(root("chatbot"), f"{root('feedback')}/metrics")
-    with sampler:
-        await asyncio.sleep(run.warmup)
-        t0 = time.monotonic()
-        outcomes, window = await replay.replay(
-            url("chatbot"), "chatbot", requests, prompts, duration_s=chat.replay_s
-        )
-        t1 = time.monotonic()
+    with replay.Apart() as apart:
+        worker = asyncio.create_task(load.run())
+        sampler = trace_timeline.Sampler(root("chatbot"), f"{root('feedback')}/metrics")
+        with sampler:
+            t0 = time.monotonic() + run.warmup
+            outcomes, window = await apart.replay(
+                url("chatbot"), "chatbot", requests, prompts, duration_s=chat.replay_s,
+                start_at=t0,
+            )  # fmt: skip
+            t1 = time.monotonic()
     load.stop()
     await asyncio.gather(worker, return_exceptions=True)
     after = counters()
@@ -145,9 +147,10 @@ def chat_alone(run: Run, pair: Pair, chat: Chat, load: float, cap: float) -> Non
 
     async def go() -> dict[str, Any]:
         prompts = await _prompts(chat, requests)
-        outcomes, window = await replay.replay(
-            url("chatbot"), "chatbot", requests, prompts, duration_s=chat.replay_s
-        )
+        with replay.Apart() as apart:  # as in the shared steps, whose baseline this is
+            outcomes, window = await apart.replay(
+                url("chatbot"), "chatbot", requests, prompts, duration_s=chat.replay_s
+            )
         return {"chat": replay.summary(outcomes, window), "outcomes": replay.rows(outcomes)}
 
     run.record({"step": "chat_alone", "profile": pair.profile, "sharing": pair.sharing,
@@ -214,17 +217,17 @@ def fault(run: Run, pair: Pair, chat: Chat, load: float, cap: float, settle_s: f
         # fate can be told: answered, dead-lettered or lost.
         load_ = feedback_load(run, f"fault-{time.time():.0f}", 0, None,
                               count=run.shape.feedback_in_flight * 60)  # fmt: skip
-        worker = asyncio.create_task(load_.run())
-        t_start = time.monotonic()
-        replayer = asyncio.create_task(
-            replay.replay(
-                url("chatbot"), "chatbot", requests, prompts, timeout_s=60, duration_s=chat.replay_s
-            )
-        )
-        await asyncio.sleep(run.warmup + 3)
-        fault_at = time.monotonic() - t_start
-        await asyncio.to_thread(inject)
-        outcomes, window = await replayer
+        with replay.Apart() as apart:
+            worker = asyncio.create_task(load_.run())
+            t_start = time.monotonic()
+            replayer = asyncio.create_task(
+                apart.replay(url("chatbot"), "chatbot", requests, prompts, timeout_s=60,
+                             duration_s=chat.replay_s, start_at=t_start)
+            )  # fmt: skip
+            await asyncio.sleep(run.warmup + 3)
+            fault_at = time.monotonic() - t_start
+            await asyncio.to_thread(inject)
+            outcomes, window = await replayer
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(load_.source.drained.wait(), settle_s)
         load_.stop()
