@@ -17,6 +17,14 @@ per trial, with chat idle for a second, sends one streamed chat request and time
   request (polled every 5 ms from another thread; its gauge moves at engine steps);
 - chat first token: the request sent -> its first streamed token.
 
+Then the resume, from the chat stream's end at the client ("done") to: the chatbot's /load
+reading 0 (polled every 3 ms from another thread, from the chat's first token); the
+worker's ChatWatch turning idle; the first and last preempted answer leaving
+`Preempter._pause` (its continuation is posted next) and their first token back at the
+worker; the feedback engine's /metrics showing a running request, and its generation-token
+counter past its idle value, again (the 5 ms poll). A poll's time is when its response is
+back, so its own latency is in it ("GET that saw running" says how much).
+
 Also what one poll costs: GET of the chatbot's page (the chatbot renders it) and the
 worker's parse of it. Prints medians, p90 and max in milliseconds.
 """
@@ -30,7 +38,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 
 import httpx2 as httpx
 import openai
@@ -42,12 +50,67 @@ from cohost_shared.messages import FeedbackRequest
 from cohost_shared.metrics import VLLM_RUNNING, Metrics
 from feedback.chatload import chat_load
 from feedback.engine import EngineClient
-from feedback.preempt import ChatWatch, Preempter
+from feedback.preempt import Answer, ChatWatch, Preempter
 from feedback.prompts import build_messages
 from feedback.settings import WorkerSettings
+from feedback.stream import Chunk
 from structlog.testing import capture_logs
 
 from harness.engine import SERVED_NAME, TEST_MODEL, CpuServer
+
+GENERATED = "vllm:generation_tokens_total"
+RESUME = (
+    "chat /load 0", "worker saw idle", "first re-posted", "last re-posted",
+    "first token at worker", "last 1st token at worker", "engine running > 0",
+    "engine tokens moving",
+)  # fmt: skip
+
+
+class TimedWatch(ChatWatch):
+    """The worker's ChatWatch, recording when it sees chat turn idle."""
+
+    def __init__(self, busy_threshold: int) -> None:
+        super().__init__(busy_threshold)
+        self.idle_at: list[float] = []
+
+    def observe(self, load: int | None) -> None:
+        was = self.busy
+        super().observe(load)
+        if was and not self.busy:
+            self.idle_at.append(time.monotonic())
+
+
+class TimedPreempter(Preempter):
+    """The worker's Preempter, recording when each preempted answer is resumed (leaves
+    `_pause`, its continuation posted next) and when its first token is back."""
+
+    def __init__(self, settings: WorkerSettings, engine: EngineClient, watch: ChatWatch) -> None:
+        super().__init__(settings, engine, watch)
+        self.reposted: list[float] = []
+        self.first_token: list[float] = []
+
+    async def _pause(self, preempted: bool, answer: Answer) -> None:
+        await super()._pause(preempted, answer)
+        if preempted:
+            self.reposted.append(time.monotonic())
+
+    async def _segment(
+        self, chunks: AsyncGenerator[Chunk, None], answer: Answer, min_tokens: int
+    ) -> bool:
+        # min_tokens > 0 only for a resumed call (FEEDBACK_PREEMPT_MIN_TOKENS >= 1).
+        return await super()._segment(self._timed(chunks) if min_tokens else chunks, answer,
+                                      min_tokens)  # fmt: skip
+
+    async def _timed(self, chunks: AsyncGenerator[Chunk, None]) -> AsyncGenerator[Chunk, None]:
+        seen = False
+        try:
+            async for chunk in chunks:
+                if not seen and (chunk.token_ids or chunk.text):
+                    seen = True
+                    self.first_token.append(time.monotonic())
+                yield chunk
+        finally:
+            await chunks.aclose()
 
 
 @contextlib.contextmanager
@@ -78,19 +141,41 @@ def stats(name: str, values: list[float]) -> str:
     )
 
 
-def engine_idle_after(root: str, sent: float, timeout: float = 5.0) -> float | None:
-    """Seconds from `sent` until the engine's running gauge reads 0."""
+def engine_cycle(root: str, sent: float, out: dict[str, float], timeout: float = 10.0) -> None:
+    """From `sent`, when the engine's running gauge reads 0 (out["idle"]), then above 0
+    (out["running"]), and its generation-token counter passes its idle value (out["tokens"])."""
+    base: float | None = None
     with httpx.Client(timeout=timeout) as client:
-        while time.monotonic() - sent < timeout:
+        while time.monotonic() - sent < timeout and "tokens" not in out:
+            asked = time.monotonic()
             try:
                 text = client.get(f"{root}/metrics").text
             except httpx.HTTPError:
-                return None
-            running = Metrics.parse(text, (VLLM_RUNNING,)).value(VLLM_RUNNING)
-            if running == 0:
-                return time.monotonic() - sent
+                return
+            now, m = time.monotonic(), Metrics.parse(text, (VLLM_RUNNING, GENERATED))
+            running, tokens = m.value(VLLM_RUNNING), m.value(GENERATED) or 0.0
+            if base is None and running == 0:
+                out["idle"], base = now, tokens
+            elif base is not None:
+                if running and "running" not in out:
+                    out["running"], out["running_get"] = now, now - asked
+                if tokens > base:
+                    out["tokens"] = now
             time.sleep(0.005)
-    return None
+
+
+def load_zero_after(url: str, chat: dict[str, float], out: dict[str, float]) -> None:
+    """Poll the chatbot's /load from the chat's first token (surely counted by then) until it
+    reads 0 (out["load0"])."""
+    with httpx.Client(timeout=5.0) as client:
+        while "first" not in chat and "done" not in chat:
+            time.sleep(0.001)
+        start = time.monotonic()
+        while time.monotonic() - start < 5.0:
+            if chat_load(client.get(url).text) == 0:
+                out["load0"] = time.monotonic()
+                return
+            time.sleep(0.003)
 
 
 def chat_once(chat: openai.OpenAI, out: dict[str, float], sent: threading.Event) -> None:
@@ -130,9 +215,9 @@ async def run(args: argparse.Namespace, chat_url: str, feedback_url: str) -> Non
         chat_poll_s=args.poll_s,
         preempt=True,
     )
-    watch = ChatWatch(settings.chat_busy_threshold)
+    watch = TimedWatch(settings.chat_busy_threshold)
     engine = EngineClient(settings)
-    preempter = Preempter(settings, engine, watch)
+    preempter = TimedPreempter(settings, engine, watch)
     messages = build_messages(
         FeedbackRequest(request_id="b", text="The sea is wide and deep."), settings.system_prompt
     )
@@ -144,32 +229,60 @@ async def run(args: argparse.Namespace, chat_url: str, feedback_url: str) -> Non
     chat = openai.OpenAI(base_url=chat_url, api_key="EMPTY", max_retries=0)
     poller = asyncio.create_task(watch.run(settings.chat_metrics_url or "", args.poll_s))
     workers = [asyncio.create_task(feedback_forever()) for _ in range(args.in_flight)]
-    detect, first_abort, last_abort, idle, ttft = [], [], [], [], []
+    detect, first_abort, last_abort, idle, ttft, resumed, get = [], [], [], [], [], [], []
+    resume: dict[str, list[float]] = {name: [] for name in RESUME}
     try:
         with capture_logs() as events:
             for trial in range(args.trials):
                 await asyncio.sleep(1.0)  # chat idle, feedback running again
                 before = len(events)
                 out: dict[str, float] = {}
+                cycle: dict[str, float] = {}
                 sent = threading.Event()
-                chat_thread = threading.Thread(target=chat_once, args=(chat, out, sent))
-                chat_thread.start()
+                threads = [
+                    threading.Thread(target=chat_once, args=(chat, out, sent)),
+                    threading.Thread(
+                        target=load_zero_after, args=(f"{chat_root}/load", out, cycle)
+                    ),
+                ]
+                for thread in threads:
+                    thread.start()
                 await asyncio.to_thread(sent.wait)
-                idle_s = await asyncio.to_thread(engine_idle_after, feedback_root, out["sent"])
-                await asyncio.to_thread(chat_thread.join)
+                await asyncio.to_thread(engine_cycle, feedback_root, out["sent"], cycle)
+                for thread in threads:
+                    await asyncio.to_thread(thread.join)
                 await asyncio.sleep(0.05)
                 cut = [e for e in events[before:] if e["event"] == "preempted"]
-                if watch.busy_since is None or watch.busy_since < out["sent"] or not cut:
+                busy = watch.busy_since
+                if busy is None or busy < out["sent"] or not cut:
                     print(f"trial {trial}: no preemption seen", file=sys.stderr)
                     continue
-                seen = (watch.busy_since - out["sent"]) * 1000
+                for _ in range(100):  # until each preempted answer has a token again
+                    if sum(t > busy for t in preempter.first_token) >= len(cut):
+                        break
+                    await asyncio.sleep(0.02)
+                seen = (busy - out["sent"]) * 1000
                 detect.append(seen)
                 aborts = [seen + float(e["after_busy_ms"]) for e in cut]
                 first_abort.append(min(aborts))
                 last_abort.append(max(aborts))
-                if idle_s is not None:
-                    idle.append(idle_s * 1000)
+                if "idle" in cycle:
+                    idle.append((cycle["idle"] - out["sent"]) * 1000)
                 ttft.append((out["first"] - out["sent"]) * 1000)
+                idles = [t for t in watch.idle_at if t > busy]
+                posted = [t for t in preempter.reposted if t > busy]
+                tokens = [t for t in preempter.first_token if t > busy]
+                if len(idles) != 1:
+                    print(f"trial {trial}: chat seen idle {len(idles)} times", file=sys.stderr)
+                resumed.append(float(len(posted)))
+                if "running_get" in cycle:
+                    get.append(cycle["running_get"] * 1000)
+                ats = (cycle.get("load0"), min(idles, default=None), min(posted, default=None),
+                       max(posted, default=None), min(tokens, default=None),
+                       max(tokens, default=None), cycle.get("running"), cycle.get("tokens"))  # fmt: skip
+                for name, at in zip(RESUME, ats, strict=True):
+                    if at is not None:
+                        resume[name].append((at - out["done"]) * 1000)
     finally:
         for task in [*workers, poller]:
             task.cancel()
@@ -185,6 +298,11 @@ async def run(args: argparse.Namespace, chat_url: str, feedback_url: str) -> Non
     print(stats("chat first token ms", ttft))
     print(stats(f"chatbot /{args.signal} GET ms", fetch))
     print(stats("worker parse of it ms", parse))
+    print("resume, ms from the chat stream's end at the client:")
+    for name, values in resume.items():
+        print(stats(f"resume: {name} ms", values))
+    print(stats("resume: answers resumed (count)", resumed))
+    print(stats("resume: GET that saw running, ms", get))
 
 
 def main() -> None:
@@ -202,4 +320,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
