@@ -201,8 +201,9 @@ async def replay(
 
 class Apart:
     """Replays in a process of their own, as chat's clients are in production. Beside the
-    feedback worker in one event loop, each side's client slowed the other: chat's first
-    token waited on the worker's chunks, the worker's reaction to chat on chat's chunks.
+    feedback worker in one event loop each side's client waits on the other's work (chat's
+    first token behind the worker's chunks, the worker's reaction behind chat's), so a
+    slower host slowed both at once in the benchmark alone.
     `with Apart() as apart:` starts the process (a spawned Python imports for a second or
     more, so start it before the warm-up); `await apart.replay(...)`, as `replay` with
     `start_at`, whose monotonic clock the process shares."""

@@ -4,9 +4,10 @@ while both run. Each step appends its row to the run's results (servers.Run.reco
 
 Chat is the trace replayer (bench/chat_trace) at a fraction of the capacity, in a process
 of its own (`replay.Apart`, since the runs after trace-2026-12-03e; before, it shared the
-worker's event loop); the same fraction always replays the same arrivals and sizes. Feedback is the worker's real pipeline
-fed by an in-process source (bench/sharing.py's FeedbackLoad), enough requests to stay
-saturated; with preemption it gets FEEDBACK_PREEMPT=true and FEEDBACK_CHAT_METRICS_URL.
+worker's event loop); the same fraction always replays the same arrivals and sizes.
+Feedback is the worker's real pipeline fed by an in-process source (bench/sharing.py's
+FeedbackLoad), enough requests to stay saturated; with preemption it gets
+FEEDBACK_PREEMPT=true and FEEDBACK_CHAT_METRICS_URL.
 """
 
 from __future__ import annotations
