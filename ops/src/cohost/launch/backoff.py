@@ -8,23 +8,18 @@ count is a file in `$COHOST_LOCK_DIR` named for the container (its hostname), so
 the container's restarts but not a re-create, and a start that reaches /health clears it.
 The first refusal exits at once; then `$COHOST_REFUSAL_BACKOFF_S` (30 s), doubling, up to
 30 minutes. Each wait is said in the log with its reason, and answered meanwhile on the
-server's port (`refusing`), so `cohost status` shows it too. These two settings are read
-apart from the engine's: a refusal can be of the engine's settings themselves, and a bad
-value here is said and replaced by its default, never a reason to loop without waiting.
+server's port (`refusing`), so `cohost status` shows it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
-
-from cohost_shared.settings import env_errors
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cohost.launch import refusing
 from cohost.launch.exits import Refusal, say
@@ -33,32 +28,14 @@ CAP_S = 1800.0
 FIX = "fix the cause, then `docker compose up -d --force-recreate` (a re-create counts afresh)"
 
 
-class BackoffSettings(BaseSettings):
-    """`COHOST_LOCK_DIR` (where the count is kept) and `COHOST_REFUSAL_BACKOFF_S`."""
-
-    model_config = SettingsConfigDict(env_prefix="COHOST_", extra="ignore", frozen=True)
-
-    lock_dir: Path = Path("/var/lock/cohost")
-    refusal_backoff_s: float = Field(default=30.0, ge=0)
+def _count_file(service: str) -> Path:
+    locks = Path(os.environ.get("COHOST_LOCK_DIR", "/var/lock/cohost"))
+    return locks / f"refusals-{socket.gethostname()}-{service}"
 
 
-def _settings(service: str, *, quiet: bool = False) -> BackoffSettings:
-    try:
-        return BackoffSettings()
-    except ValidationError as exc:
-        if not quiet:
-            lines = "\n".join(env_errors(exc, "COHOST_"))
-            say(service, f"ignoring invalid backoff settings, using the defaults:\n{lines}")
-        return BackoffSettings.model_construct()
-
-
-def _count_file(settings: BackoffSettings, service: str) -> Path:
-    return settings.lock_dir / f"refusals-{socket.gethostname()}-{service}"
-
-
-def delay_s(settings: BackoffSettings, refusals: int) -> float:
+def delay_s(refusals: int) -> float:
     """The wait before exiting after the `refusals`-th refusal in a row."""
-    base = settings.refusal_backoff_s
+    base = float(os.environ.get("COHOST_REFUSAL_BACKOFF_S", "30"))
     return 0.0 if refusals <= 1 else min(base * 2 ** (refusals - 2), CAP_S)
 
 
@@ -68,15 +45,14 @@ def refuse(service: str, refusal: Refusal, address: tuple[str, int] | None = Non
     While it waits, every request to `address` (the server's host and port) is answered
     with the refusal."""
     say(service, refusal.message)
-    settings = _settings(service)
-    path = _count_file(settings, service)
+    path = _count_file(service)
     refusals = 1
     with contextlib.suppress(OSError, ValueError):
         refusals = int(path.read_text()) + 1
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(str(refusals))
-    wait = delay_s(settings, refusals)
+    wait = delay_s(refusals)
     if wait:
         say(
             service,
@@ -85,13 +61,7 @@ def refuse(service: str, refusal: Refusal, address: tuple[str, int] | None = Non
             "(above), then `docker compose up -d --force-recreate`",
         )
         waiting = refusing.Waiting(
-            service,
-            refusal,
-            refusals,
-            wait,
-            delay_s(settings, refusals + 1),
-            FIX,
-            time.monotonic() + wait,
+            service, refusal, refusals, wait, delay_s(refusals + 1), FIX, time.monotonic() + wait
         )
         with refusing.answering(address, waiting):
             time.sleep(wait)
@@ -101,4 +71,4 @@ def refuse(service: str, refusal: Refusal, address: tuple[str, int] | None = Non
 def clear(service: str) -> None:
     """The server became healthy: the next refusal is a first one again."""
     with contextlib.suppress(OSError):
-        _count_file(_settings(service, quiet=True), service).unlink(missing_ok=True)
+        _count_file(service).unlink(missing_ok=True)
