@@ -162,6 +162,25 @@ def test_refusals_in_a_row_back_off_and_a_healthy_start_would_reset_them(
     assert [p.read_text() for p in counts] == ["3"]
 
 
+def test_an_invalid_backoff_setting_is_said_and_the_refusal_still_exits_with_its_code(
+    gpu_env: dict[str, str],
+) -> None:
+    """A bad COHOST_REFUSAL_BACKOFF_S must not turn a refusal into a crash (exit 1 and a
+    traceback, which the restart policy retries without waiting): it is named, its default
+    used, and the refusal's own code comes out. The valid COHOST_LOCK_DIR is still read: the
+    count lands there, not in the default directory."""
+    env = {k: v for k, v in gpu_env.items() if not k.startswith("CHATBOT_ENGINE_MAX")}
+    env["COHOST_REFUSAL_BACKOFF_S"] = "soon"
+    result = launch("chatbot", env)
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "CHATBOT_ENGINE_MAX_MODEL_LEN" in result.stderr
+    assert "COHOST_REFUSAL_BACKOFF_S" in result.stderr
+    assert "using the default" in result.stderr
+    assert "Traceback" not in result.stderr
+    count = Path(env["COHOST_LOCK_DIR"]) / f"refusals-{socket.gethostname()}-chatbot"
+    assert count.read_text() == "1"
+
+
 def _one_refusal_so_far(env: dict[str, str]) -> None:
     """This container has been refused once already: the next refusal waits."""
     locks = Path(env["COHOST_LOCK_DIR"])
