@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cohost.cpu_engine import server
+from cohost.launch.command import pause_env
 from cohost.processes import Child, http_ok
 
 # Small context so "text too long" is easy to reach; small model so it starts fast.
@@ -19,8 +20,14 @@ class CpuServer:
     """One CPU vLLM server serving `SERVED_NAME`, with its log in a file."""
 
     def __init__(
-        self, model_dir: Path, port: int, log_path: Path, extra_args: Sequence[str] = ()
+        self,
+        model_dir: Path,
+        port: int,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+        role: str = "feedback",
     ) -> None:
+        """`role`: the service it stands in for; the feedback engine serves /pause."""
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}/v1"
         argv = server.server_command(
@@ -31,7 +38,8 @@ class CpuServer:
             max_num_seqs=ENGINE_MAX_NUM_SEQS,
             extra_args=extra_args,
         )
-        self.child = Child("engine", argv, log_path=log_path, env=server.server_env())
+        env = server.server_env() | pause_env(role)
+        self.child = Child("engine", argv, log_path=log_path, env=env)
 
     @property
     def root(self) -> str:

@@ -1,5 +1,6 @@
-"""Preemption: the worker stops its engine calls while chat is busy and resumes them from
-their tokens. The trigger's state machine alone, then the real CPU engine (SmolLM2, so a
+"""Preemption by abort (FEEDBACK_PREEMPT_MODE=abort, and what an engine without /pause
+gets): the worker stops its engine calls while chat is busy and resumes them from
+their tokens (pause mode: tests/test_pause.py). The trigger's state machine alone, then the real CPU engine (SmolLM2, so a
 temperature-0 answer is real text), then the whole worker against the emulator with a real
 chatbot's /metrics as the signal."""
 
@@ -101,7 +102,8 @@ def smollm2(logs: Path) -> Iterator[CpuServer]:
     the plans' feedback engine does, so a preemption closes a stream between chunks and
     the tokens generated past the last one are generated again."""
     server = CpuServer(ensure_model("smollm2-135m-instruct"), free_port(), logs / "smollm2.log",
-                       extra_args=["--stream-interval", str(BATCH_STREAM_INTERVAL)])  # fmt: skip
+                       extra_args=["--stream-interval", str(BATCH_STREAM_INTERVAL)],
+                       role="chatbot")  # fmt: skip
     server.start()
     try:
         yield server
@@ -308,6 +310,7 @@ def test_a_preemption_storm_loses_and_duplicates_nothing(
         engine,
         FEEDBACK_CHAT_METRICS_URL=f"{smollm2.root}/load",
         FEEDBACK_PREEMPT="true",
+        FEEDBACK_PREEMPT_MODE="abort",
         FEEDBACK_DEFAULT_MAX_TOKENS="96",
         # The emulator sends the whole backlog at once and redelivers what the client still
         # holds unread after the stream's ack deadline (docs/configuration.md); at 60 s that
@@ -350,6 +353,7 @@ def test_sigterm_while_answers_are_paused_nacks_them(
         engine,
         "worker-1",
         FEEDBACK_CHAT_METRICS_URL=f"{smollm2.root}/metrics",
+        FEEDBACK_PREEMPT_MODE="abort",
         FEEDBACK_DEFAULT_MAX_TOKENS="256",
         FEEDBACK_SHUTDOWN_GRACE_S="1",
     )

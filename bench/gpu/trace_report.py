@@ -76,10 +76,13 @@ def _harvest(r: dict[str, Any], solo: float | None, idle: float | None) -> str:
 
 
 def _preemption(r: dict[str, Any]) -> str:
-    """A shared row's preemption; "on" runs of a worker without it had the older chat-first
-    limit instead (the chat-metrics URL turned that on)."""
+    """A shared row's preemption: "on" is by abort (every run before pause mode was),
+    "pause" holds the feedback engine; "on" runs of a worker without preemption had the
+    older chat-first limit instead (the chat-metrics URL turned that on)."""
     if not r["preempt"]:
         return "off"
+    if r.get("preempt_mode") == "pause":
+        return "pause"
     return "on" if r["worker"]["has_preemption"] else "on (worker without preemption: chat-first)"
 
 
@@ -92,14 +95,16 @@ def print_matrix(paths: list[Path]) -> None:
     oldest first), as ratios to chat alone without MPS, with the run it came from and the
     runs its baselines came from where those are others."""
     rows = _rows(paths)
-    latest: dict[tuple[str, float, str, bool], dict[str, Any]] = {}
+    latest: dict[tuple[str, float, str, str], dict[str, Any]] = {}
     for r in rows:
         if r["step"] == "shared" and "error" not in r:
-            latest[(r["profile"], r["load"], r["sharing"], r["preempt"])] = r
+            latest[(r["profile"], r["load"], r["sharing"], _preemption(r))] = r
     print("| plan | chat load | sharing | preemption | chat TTFT p50 / p99 | chat TPOT p50 / p99 "
           "| chat errors | feedback tok/s | harvest | run |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for key in sorted(latest, key=lambda k: (k[0], k[1], k[2] != "time-slicing", not k[3])):
+    order = {"pause": 0, "on": 1}
+    for key in sorted(latest, key=lambda k: (k[0], k[1], k[2] != "time-slicing",
+                                             order.get(k[3], 2), k[3])):  # fmt: skip
         r = latest[key]
         alone, solo = _against(rows, r)
         c = r["chat"]

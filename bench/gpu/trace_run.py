@@ -2,7 +2,7 @@
 without the worker's preemption, at fractions of the chatbot's capacity.
 
     python3 bench/gpu/trace_run.py OUT [--profiles l4] [--sharing time-slicing,mps]
-        [--loads 0.25,0.5,0.75] [--preempt off,on] [--steps capacity,chat_alone,...]
+        [--loads 0.25,0.5,0.75] [--preempt off,pause,abort] [--steps capacity,chat_alone,...]
     python3 bench/gpu/trace_run.py OUT --cpu-smoke ...   # the same steps on CPU vLLM servers
 
 On one GPU (vLLM 0.26 from the offline bundle on PYTHONPATH), per profile: a ballast
@@ -124,7 +124,8 @@ def main() -> int:
     p.add_argument("--profiles", default="l4,rtx5090")
     p.add_argument("--sharing", default="time-slicing,mps")
     p.add_argument("--loads", default="0.25,0.5,0.75", help="fractions of the capacity")
-    p.add_argument("--preempt", default="off,on", help="the worker's preemption in `shared`")
+    p.add_argument("--preempt", default="off,pause,abort",
+                   help="the worker's preemption in `shared`: off, pause, abort (or on)")  # fmt: skip
     p.add_argument("--steps", default="capacity,chat_alone,feedback_alone,shared",
                    help=f"of {','.join(STEPS)}")  # fmt: skip
     p.add_argument("--capacity", default="", help="PROFILE=REQ_PER_S,... instead of measuring")
@@ -139,7 +140,8 @@ def main() -> int:
     args = p.parse_args()
     args.sharing = [s for s in args.sharing.split(",") if s]
     args.loads = floats(args.loads)
-    args.preempt = [{"off": False, "on": True}[x] for x in args.preempt.split(",") if x]
+    modes = {"off": None, "on": "abort", "abort": "abort", "pause": "pause"}
+    args.preempt = [modes[x] for x in args.preempt.split(",") if x]
     args.steps = [s for s in args.steps.split(",") if s]
     unknown = set(args.steps) - set(STEPS)
     if unknown:

@@ -31,7 +31,7 @@ from servers import PORTS, SERVICES, Pair, Run, url
 from bench.chat_trace import replay, trace
 
 # Worker counters (the preemption branch's names); None where this worker has none.
-COUNTERS = ("feedback_preemptions_total", "feedback_resumes_total")
+COUNTERS = ("feedback_preemptions_total", "feedback_resumes_total", "feedback_engine_pauses_total")
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,16 @@ def counters() -> dict[str, float | None]:
 
 
 def feedback_load(
-    run: Run, tag: str, seconds: float, preempt: bool | None, count: int | None = None
+    run: Run, tag: str, seconds: float, preempt: str | None, count: int | None = None
 ) -> sharing.FeedbackLoad:
     """The worker against the feedback engine, `count` requests (default: more than it can
-    answer in `seconds`). preempt None: no chat signal at all (raw sharing); True/False:
-    FEEDBACK_PREEMPT with the chatbot's /load."""
-    if preempt is None:
-        os.environ.pop("FEEDBACK_PREEMPT", None)
-    else:
-        os.environ["FEEDBACK_PREEMPT"] = "true" if preempt else "false"
+    answer in `seconds`). preempt None: no chat signal at all (raw sharing); "abort" or
+    "pause": preemption in that FEEDBACK_PREEMPT_MODE, on the chatbot's /load."""
+    for name in ("FEEDBACK_PREEMPT", "FEEDBACK_PREEMPT_MODE"):
+        os.environ.pop(name, None)
+    if preempt is not None:
+        os.environ["FEEDBACK_PREEMPT"] = "true"
+        os.environ["FEEDBACK_PREEMPT_MODE"] = preempt
     count = count or int(seconds + 60) * run.shape.feedback_in_flight * 4
     metrics = None if preempt is None else f"{root('chatbot')}/load"
     return sharing.FeedbackLoad(url("feedback"), "feedback", run.shape, count=count, tag=tag,
@@ -106,7 +107,7 @@ def worker_has_preemption() -> bool:
 
 
 async def _both(
-    run: Run, chat: Chat, requests: list[trace.Request], preempt: bool | None, tag: str
+    run: Run, chat: Chat, requests: list[trace.Request], preempt: str | None, tag: str
 ) -> dict[str, Any]:
     """Feedback saturating (after run.warmup), then the replay; feedback measured over the
     replay's window."""
@@ -174,12 +175,14 @@ def feedback_alone(run: Run, pair: Pair, seconds: float) -> None:
                 **asyncio.run(go())})  # fmt: skip
 
 
-def shared(run: Run, pair: Pair, chat: Chat, load: float, cap: float, preempt: bool) -> None:
+def shared(run: Run, pair: Pair, chat: Chat, load: float, cap: float, preempt: str | None) -> None:
+    """preempt: None (off), "abort" or "pause" (FEEDBACK_PREEMPT_MODE)."""
     requests = chat.schedule(load * cap, chatbot_len(pair))
     tag = f"shared-{load}-{preempt}-{time.time():.0f}"
-    result = asyncio.run(_both(run, chat, requests, True if preempt else None, tag))
+    result = asyncio.run(_both(run, chat, requests, preempt, tag))
     run.record({"step": "shared", "profile": pair.profile, "sharing": pair.sharing,
-                "load": load, "rate_per_s": load * cap, "preempt": preempt, **result})  # fmt: skip
+                "load": load, "rate_per_s": load * cap, "preempt": preempt is not None,
+                "preempt_mode": preempt, **result})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- a GPU fault

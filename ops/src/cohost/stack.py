@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cohost import emulator, paths
 from cohost.cpu_engine import install, models, server
+from cohost.launch.command import pause_env
 from cohost.processes import (
     Child,
     ChildFailed,
@@ -87,7 +88,7 @@ class Stack:
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
         )
-        env = server.server_env(kv_cache_gib=s.kv_cache_gib)
+        env = server.server_env(kv_cache_gib=s.kv_cache_gib) | pause_env(name)
         return Child(
             f"{name} engine", argv, log_path=paths.logs_dir() / f"{name}-engine.log", env=env
         )

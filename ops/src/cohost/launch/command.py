@@ -44,8 +44,16 @@ def planned_flags(settings: EngineSettings) -> list[str]:
     return argv
 
 
-def vllm_env(settings: EngineSettings, base: Mapping[str, str]) -> dict[str, str]:
-    env = dict(base)
+def pause_env(service: str) -> dict[str, str]:
+    """The feedback engine serves vLLM's POST /pause and /resume, which its worker calls to
+    hold it while chat is busy (feedback/pause.py). vLLM serves them only in its development
+    mode, which also opens other endpoints that take no API key (docs/sharing.md, "The
+    pause's endpoints"): never for the chatbot, which users reach."""
+    return {"VLLM_SERVER_DEV_MODE": "1"} if service == "feedback" else {}
+
+
+def vllm_env(settings: EngineSettings, base: Mapping[str, str], service: str) -> dict[str, str]:
+    env = dict(base) | pause_env(service)
     if settings.api_key is not None:
         # vLLM reads VLLM_API_KEY; kept out of argv so `ps` does not show it.
         env["VLLM_API_KEY"] = settings.api_key.get_secret_value()

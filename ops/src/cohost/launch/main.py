@@ -59,7 +59,7 @@ def run(service: str) -> NoReturn:
     except Refusal as refusal:
         backoff.refuse(service, refusal, address)
     argv = vllm_argv(planned, service, util)
-    env = mps.client_env(planned, vllm_env(planned, os.environ))
+    env = mps.client_env(planned, vllm_env(planned, os.environ, service))
     say(service, mps.describe(planned, env))
     say(
         service,
@@ -88,7 +88,9 @@ def run_cpu(service: str, planned: settings.EngineSettings) -> NoReturn:
         python="python3",
         extra_args=[*planned_flags(planned), *shlex.split(planned.extra_args)],
     )
-    env = vllm_env(planned, server.server_env(os.environ, kv_cache_gib=planned.cpu_kvcache_gib))
+    env = vllm_env(
+        planned, server.server_env(os.environ, kv_cache_gib=planned.cpu_kvcache_gib), service
+    )
     kv = planned.cpu_kvcache_gib
     say(service, f"CPU engine, KV cache {kv} GiB; starting: {shlex.join(argv)}")
     gate.keep_until_healthy(fd, service, planned.port, planned.health_timeout_s, planned.watchdog_s)

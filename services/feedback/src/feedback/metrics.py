@@ -25,6 +25,10 @@ PREEMPT_DROPPED_TOKENS = Counter(
     "Tokens dropped at a preemption because they ended inside a character",
 )
 PAUSED = Gauge("feedback_paused", "Preempted answers waiting for chat to go idle")
+ENGINE_PAUSES = Counter(
+    "feedback_engine_pauses_total", "Times the feedback engine was paused for chat (pause mode)"
+)
+ENGINE_PAUSED = Gauge("feedback_engine_paused", "1 while the feedback engine is paused for chat")
 CHAT_BUSY = Gauge("feedback_chat_busy", "1 while the chatbot counts as busy (preemption)")
 LATENCY = Histogram(
     "feedback_latency_seconds",

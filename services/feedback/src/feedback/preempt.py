@@ -25,6 +25,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -40,6 +41,13 @@ _TAIL = 4
 _REPLACEMENT = "\ufffd"
 
 
+class Pausing(Protocol):
+    """What the Preempter needs of `feedback.pause.EnginePause`."""
+
+    @property
+    def works(self) -> bool: ...
+
+
 class ChatWatch:
     """Whether the chatbot has requests now; wakes what waits on either state."""
 
@@ -47,8 +55,10 @@ class ChatWatch:
         self.busy_threshold = busy_threshold
         self.busy = False
         self.busy_since: float | None = None  # monotonic, when chat was last seen busy
+        self.idle_since: float | None = None  # monotonic, when chat was last seen idle
         self._idle = asyncio.Event()
         self._idle.set()
+        self._changed = asyncio.Event()
         self._armed: set[asyncio.Future[None]] = set()
 
     def observe(self, load: int | None) -> None:
@@ -58,6 +68,7 @@ class ChatWatch:
         if busy == self.busy:
             return
         self.busy = busy
+        self._changed.set()
         metrics.CHAT_BUSY.set(int(busy))
         log.debug("chat_busy" if busy else "chat_idle", chat_load=load)
         if busy:
@@ -68,10 +79,17 @@ class ChatWatch:
                     stop.set_result(None)
             self._armed.clear()
         else:
+            self.idle_since = time.monotonic()
             self._idle.set()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+    async def wait_change(self, at_most_s: float) -> None:
+        """Until chat turns busy or idle, or `at_most_s` seconds pass."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), at_most_s)
+        self._changed.clear()
 
     def arm(self, stop: asyncio.Future[None]) -> None:
         """Resolve `stop` as soon as chat is busy (now, if it is)."""
@@ -124,14 +142,24 @@ class Answer:
 
 
 class Preempter:
-    """Engine calls that stop while chat is busy and resume from their tokens."""
+    """Engine calls that stop while chat is busy and resume from their tokens; plain ones
+    while `pause` holds the whole engine instead (`feedback.pause`)."""
 
-    def __init__(self, settings: WorkerSettings, engine: EngineClient, watch: ChatWatch) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: EngineClient,
+        watch: ChatWatch,
+        pause: Pausing | None = None,
+    ) -> None:
         self._settings = settings
         self._engine = engine
         self._watch = watch
+        self._pause_engine = pause
 
     async def complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
+        if self._pause_engine is not None and self._pause_engine.works:
+            return await self._engine.complete(messages, max_tokens)
         return await self._engine.complete(messages, max_tokens, self._answer)
 
     async def _answer(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:

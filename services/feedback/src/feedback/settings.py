@@ -97,7 +97,12 @@ class WorkerSettings(BaseSettings):
     # With chat_metrics_url: stop engine calls while chat is busy and resume them from their
     # tokens when it is idle (feedback/preempt.py). False: only lower the concurrency limit.
     preempt: bool = True
-    # A resumed call generates at least this many tokens before it can be preempted again.
+    # How: "pause" holds the feedback engine's own scheduler (vLLM's /pause, keep mode:
+    # every answer stops at its next step with its KV cache and goes on at /resume,
+    # feedback/pause.py); "abort" closes the streams and continues each answer from its
+    # tokens (feedback/preempt.py). An engine without /pause is preempted by abort.
+    preempt_mode: Literal["pause", "abort"] = "pause"
+    # Abort mode: a resumed call makes this many tokens before it can be preempted again.
     preempt_min_tokens: int = Field(default=8, ge=1)
     # Engine calls allowed while chat is busy; 0 pauses feedback until chat is idle.
     busy_in_flight: int = Field(default=2, ge=0)

@@ -19,6 +19,7 @@ from feedback.chatload import ChatFirst
 from feedback.engine import EngineClient
 from feedback.jobs import Delivery, Outcome, Processor, Sink
 from feedback.limiter import Limiter
+from feedback.pause import EnginePause
 from feedback.preempt import ChatWatch, Preempter
 from feedback.settings import WorkerSettings
 
@@ -57,7 +58,12 @@ class Worker:
         self.engine = engine or EngineClient(settings)
         self.limiter = Limiter(settings.max_in_flight)
         self.chat_watch = ChatWatch(settings.chat_busy_threshold) if settings.preempting() else None
-        preempter = Preempter(settings, self.engine, self.chat_watch) if self.chat_watch else None
+        self.pause: EnginePause | None = None
+        preempter = None
+        if self.chat_watch:
+            if settings.preempt_mode == "pause":
+                self.pause = EnginePause(settings, self.chat_watch)
+            preempter = Preempter(settings, self.engine, self.chat_watch, self.pause)
         self.processor = Processor(settings, self.engine, sink, self.limiter, preempter)
         self._tasks: set[asyncio.Task[Outcome]] = set()
         self._stop = asyncio.Event()
@@ -93,28 +99,37 @@ class Worker:
         if not ready.done():
             ready.cancel()
             await self.engine.close()
+            if self.pause:
+                await self.pause.close()
             log.info("shutdown_complete", before="engine ready")
             return
         ready.result()
         metrics.CONCURRENCY_LIMIT.set(self.limiter.limit)
         chat = ChatFirst.from_settings(self.settings, self.limiter)
         chat_task = asyncio.create_task(chat.run()) if chat else None
-        watch_task = self._start_watch()
+        if self.pause:
+            await self.pause.start()
+        watch_tasks = self._start_watch()
         self.source.start(self._accept, self._source_failed, loop)
         await stop
         if chat_task:
             chat_task.cancel()
         await self._drain()
-        if watch_task:
-            watch_task.cancel()  # after the drain: paused answers may still resume in it
+        for task in watch_tasks:
+            task.cancel()  # after the drain: paused answers may still resume in it
+        if self.pause:
+            await self.pause.close()
         if self._failure is not None:
             raise SourceFailed(str(self._failure)) from self._failure
 
-    def _start_watch(self) -> asyncio.Task[None] | None:
+    def _start_watch(self) -> list[asyncio.Task[None]]:
         url = self.settings.chat_metrics_url
         if self.chat_watch is None or url is None:
-            return None
-        return asyncio.create_task(self.chat_watch.run(url, self.settings.chat_poll_interval()))
+            return []
+        tasks = [asyncio.create_task(self.chat_watch.run(url, self.settings.chat_poll_interval()))]
+        if self.pause:
+            tasks.append(asyncio.create_task(self.pause.run()))
+        return tasks
 
     async def _drain(self) -> None:
         self._stopping = True
