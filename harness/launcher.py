@@ -46,12 +46,14 @@ def fake_card(plan: Mapping[str, str], free_bytes: int, path: Path, uuid: str) -
 
 
 def recorder(record: Path) -> str:
-    """A command for <SERVICE>_ENGINE_COMMAND: it writes the arguments it got, VLLM_API_KEY
-    and every CUDA_MPS_* variable of its environment to `record` as JSON, then exits 0."""
+    """A command for <SERVICE>_ENGINE_COMMAND: it writes the arguments it got, VLLM_API_KEY,
+    VLLM_SERVER_DEV_MODE and every CUDA_MPS_* variable of its environment to `record` as
+    JSON, then exits 0."""
     script = record.with_suffix(".py")
     script.write_text(
         "import json, os, sys\n"
         "json.dump({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY'), "
+        "'dev_mode': os.environ.get('VLLM_SERVER_DEV_MODE'), "
         "'mps': {k: v for k, v in os.environ.items() if k.startswith('CUDA_MPS_')}}, "
         f"open({str(record)!r}, 'w'))\n"
     )
@@ -59,7 +61,7 @@ def recorder(record: Path) -> str:
 
 
 def recorded(record: Path) -> dict[str, Any]:
-    """What the recorder wrote: argv, key and mps."""
+    """What the recorder wrote: argv, key, dev_mode and mps."""
     data: dict[str, Any] = json.loads(record.read_text())
     return data
 

@@ -66,6 +66,8 @@ def test_execs_vllm_with_the_planned_flags(gpu_env: dict[str, str], tmp_path: Pa
     assert "s3cret" not in " ".join(argv) + result.stderr
     # /load, the worker's chat signal, counts requests from their arrival.
     assert "--enable-server-load-tracking" in argv
+    # vLLM's development endpoints (/pause among them) take no key: never on the chatbot.
+    assert started["dev_mode"] is None
     # One token a chunk is vLLM's own default; a plan's batch service streams in bigger ones.
     assert "--stream-interval" not in argv
     env["CHATBOT_ENGINE_STREAM_INTERVAL"] = "8"
@@ -94,8 +96,11 @@ def test_cpu_plan_starts_the_cpu_engine_with_its_planned_flags(tmp_path: Path) -
     }
     result = launch("feedback", env)
     assert result.returncode == 0, result.stderr
-    argv = recorded(tmp_path / "started.json")["argv"]
+    started = recorded(tmp_path / "started.json")
+    argv = started["argv"]
     assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    # The feedback engine serves /pause and /resume, its worker's preemption.
+    assert started["dev_mode"] == "1"
     flags = dict(zip(argv[2::2], argv[3::2], strict=False))
     assert flags["--model"] == plan["FEEDBACK_ENGINE_MODEL"]
     assert flags["--max-model-len"] == plan["FEEDBACK_ENGINE_MAX_MODEL_LEN"]

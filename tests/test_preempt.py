@@ -1,8 +1,8 @@
 """Preemption by abort (FEEDBACK_PREEMPT_MODE=abort, and what an engine without /pause
-gets): the worker stops its engine calls while chat is busy and resumes them from
-their tokens (pause mode: tests/test_pause.py). The trigger's state machine alone, then the real CPU engine (SmolLM2, so a
-temperature-0 answer is real text), then the whole worker against the emulator with a real
-chatbot's /metrics as the signal."""
+gets): the worker stops its engine calls while chat is busy and resumes them from their
+tokens (pause mode: tests/test_pause.py). The trigger's state machine alone, then the real
+CPU engine (SmolLM2, so a temperature-0 answer is real text), then the whole worker against
+the emulator with a real chatbot's /metrics as the signal."""
 
 from __future__ import annotations
 
