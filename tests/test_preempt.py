@@ -315,6 +315,8 @@ def test_a_preemption_storm_loses_and_duplicates_nothing(
         # The emulator sends the whole backlog at once and redelivers what the client still
         # holds unread after the stream's ack deadline (docs/configuration.md); at 60 s that
         # duplicated 8 of 40 on the loaded 2-core machine, held back behind paused answers.
+        # The worker now answers such copies once (tests/test_copies.py); this test keeps
+        # to the preemption itself.
         FEEDBACK_ACK_DEADLINE_S="600",
     )
     publisher, collector = project.publisher(), project.collector()

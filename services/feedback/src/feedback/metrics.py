@@ -12,6 +12,11 @@ DEAD_LETTERED = Counter(
     "feedback_dead_lettered_total", "Requests sent to the dead-letter topic", ["reason"]
 )
 ENGINE_ERRORS = Counter("feedback_engine_errors_total", "Failed engine calls", ["kind"])
+COPIES = Counter(
+    "feedback_copies_total",
+    "Copies of a message this worker was answering or had answered (not answered again)",
+    ["original"],
+)
 IN_FLIGHT = Gauge("feedback_in_flight", "Requests being processed now")
 CONCURRENCY_LIMIT = Gauge(
     "feedback_concurrency_limit", "Engine calls allowed at once now (chat-first sharing)"

@@ -16,6 +16,7 @@ import structlog
 
 from feedback import metrics
 from feedback.chatload import ChatFirst
+from feedback.copies import Copies
 from feedback.engine import EngineClient
 from feedback.jobs import Delivery, Outcome, Processor, Sink
 from feedback.limiter import Limiter
@@ -65,6 +66,7 @@ class Worker:
                 self.pause = EnginePause(settings, self.chat_watch)
             preempter = Preempter(settings, self.engine, self.chat_watch, self.pause)
         self.processor = Processor(settings, self.engine, sink, self.limiter, preempter)
+        self.copies = Copies()
         self._tasks: set[asyncio.Task[Outcome]] = set()
         self._stop = asyncio.Event()
         self._stopping = False
@@ -80,7 +82,10 @@ class Worker:
             # Handed over just before the drain began: the source returns it at close.
             delivery.nack()
             return
-        task = asyncio.create_task(self.processor.handle(delivery))
+        first = self.copies.first(delivery)
+        if first is None:
+            return  # a copy of one being answered, or answered: settled with it
+        task = asyncio.create_task(self.processor.handle(first))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
