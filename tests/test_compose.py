@@ -279,7 +279,7 @@ def test_worker_service(services: dict[str, dict[str, Any]]) -> None:
     worker = services[WORKER]
     env = environment(worker)
     assert env["FEEDBACK_LLM_BASE_URL"] == f"http://feedback-engine:{ENGINE_PORT}/v1"
-    # Chat first: the worker preempts its engine calls while the chatbot's /load counts one.
+    # Chat first: the worker pauses its engine while the chatbot's /load counts one.
     assert env["FEEDBACK_CHAT_METRICS_URL"] == f"http://chatbot:{ENGINE_PORT}/load"
     assert env["FEEDBACK_METRICS_PORT"] == "9100"
     assert "GOOGLE_CLOUD_PROJECT" in env

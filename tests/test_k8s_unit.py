@@ -8,7 +8,7 @@ Each overlay as shipped and re-planned for the other kind of sharing (the `overl
   priority and cap, and refuses to start without that daemon;
 - the daemon is wired as compose's `mps` service (first, the engines' uid, their pipe
   directory and /dev/shm); a time-slicing unit runs no daemon and nothing in it waits for one;
-- the worker talks to its own engines and preempts its engine calls on the chatbot's /load;
+- the worker talks to its own engines and pauses its engine on the chatbot's /load;
 - the engines start in order, as native sidecars, and share one gate.
 
 The manifests themselves (schemas, checkov, generated files, Services, Secrets, GPU shares)
@@ -292,7 +292,7 @@ def test_worker_talks_to_its_own_engines(
             f"http://{engine['FEEDBACK_ENGINE_HOST']}:{engine['FEEDBACK_ENGINE_PORT']}/v1"
         )
         # Chat first, under either kind of plan, as in compose: the worker reads the chatbot
-        # engine's /load on its port in this Pod and preempts its engine calls while chat
+        # engine's /load on its port in this Pod and pauses its engine while chat
         # has requests (docs/sharing.md).
         port = chatbot["CHATBOT_ENGINE_PORT"]
         assert port == "8000"
