@@ -19,6 +19,17 @@ if TYPE_CHECKING:
     from google.cloud.pubsub_v1 import SubscriberClient
 
 
+def worker_events(log: Path, name: str) -> list[dict[str, object]]:
+    """The JSON log events called `name` in a worker's log, in order."""
+    found = []
+    for line in log.read_text().splitlines():
+        if f'"{name}"' in line:
+            event = json.loads(line)
+            if event.get("event") == name:
+                found.append(event)
+    return found
+
+
 @dataclass
 class Project:
     """One Pub/Sub project on the emulator with the worker's topics set up."""

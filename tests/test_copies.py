@@ -6,24 +6,12 @@ answered is acked at once."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from harness.engine import CpuServer
-from harness.pubsub import Project
-
-
-def _events(log: Path, name: str) -> list[dict[str, object]]:
-    found = []
-    for line in log.read_text().splitlines():
-        if f'"{name}"' in line:
-            event = json.loads(line)
-            if event.get("event") == name:
-                found.append(event)
-    return found
+from harness.pubsub import Project, worker_events
 
 
 @pytest.mark.engine
@@ -52,7 +40,7 @@ def test_a_backlog_older_than_the_ack_deadline_is_answered_once(
     counts = Counter(r.attributes["request_id"] for r in collector.results)
     assert set(counts) == wanted
     doubled = {rid: n for rid, n in counts.items() if n > 1}
-    copies = _events(worker.log_path, "copy_received")
+    copies = worker_events(worker.log_path, "copy_received")
     print(f"{len(copies)} copies received, doubled results {doubled}")
     assert not doubled
     assert copies, "the emulator sent no copy: the test showed nothing"

@@ -5,7 +5,6 @@ then the whole worker against the emulator with a real chatbot's /load as the si
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ from structlog.testing import capture_logs
 
 from harness.chat import ChatBursts
 from harness.engine import SERVED_NAME, CpuServer
-from harness.pubsub import Project
+from harness.pubsub import Project, worker_events
 
 GENERATED = "vllm:generation_tokens_total"
 TEXT = "Plants turn light into sugar. Photosynthesis is how they eat, and they eat all day."
@@ -148,16 +147,6 @@ def test_an_engine_without_pause_is_preempted_by_abort(chatbot: CpuServer) -> No
 # -- the worker, the emulator and a real chatbot ---------------------------------------------
 
 
-def _events(log: Path, name: str) -> list[dict[str, object]]:
-    found = []
-    for line in log.read_text().splitlines():
-        if f'"{name}"' in line:
-            event = json.loads(line)
-            if event.get("event") == name:
-                found.append(event)
-    return found
-
-
 @pytest.mark.engine
 @pytest.mark.emulator
 def test_pausing_through_chat_bursts_loses_and_duplicates_nothing(
@@ -183,11 +172,11 @@ def test_pausing_through_chat_bursts_loses_and_duplicates_nothing(
     assert set(counts) == wanted
     assert max(counts.values()) == 1, "a request was answered twice"
     assert not collector.dead_letters
-    paused = _events(worker.log_path, "engine_paused")
-    resumed = _events(worker.log_path, "engine_resumed")
+    paused = worker_events(worker.log_path, "engine_paused")
+    resumed = worker_events(worker.log_path, "engine_resumed")
     assert len(paused) >= 10, f"only {len(paused)} pauses in {chat.bursts} bursts"
     assert len(paused) - 1 <= len(resumed) <= len(paused) + 1
-    assert not _events(worker.log_path, "preempted"), "the engine paused: nothing was cut"
+    assert not worker_events(worker.log_path, "preempted"), "the engine paused: nothing was cut"
     for received in collector.results:
         result = FeedbackResult.model_validate_json(received.data)
         assert 0 < result.usage.completion_tokens <= 96
@@ -217,7 +206,7 @@ def test_sigterm_while_the_engine_is_paused_hands_back_and_resumes_it(
     # Chat stays busy from here on: the engine is paused with the answers in it.
     chat = ChatBursts(chatbot.base_url, SERVED_NAME, busy_s=600, idle_s=0).start()
     try:
-        while not _events(first.log_path, "engine_paused"):
+        while not worker_events(first.log_path, "engine_paused"):
             assert time.monotonic() < deadline, "the engine was not paused"
             time.sleep(0.2)
         assert _is_paused(engine)
@@ -227,7 +216,7 @@ def test_sigterm_while_the_engine_is_paused_hands_back_and_resumes_it(
         assert not _is_paused(engine), "a stopped worker leaves its engine paused"
     finally:
         chat.stop()
-    assert _events(first.log_path, "shutdown_complete")
+    assert worker_events(first.log_path, "shutdown_complete")
     second = project.start_worker(engine, "worker-2", FEEDBACK_DEFAULT_MAX_TOKENS="16")
     try:
         collector.wait(results=wanted, timeout=600)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import random
 import signal
 import time
@@ -32,7 +31,7 @@ from structlog.testing import capture_logs
 
 from harness.chat import ChatBursts
 from harness.engine import SERVED_NAME, CpuServer
-from harness.pubsub import Project
+from harness.pubsub import Project, worker_events
 
 TEXTS = [
     "Plants turn light into sugar. Photosynthesis is how they eat.",
@@ -291,16 +290,6 @@ def test_a_cut_inside_a_character_drops_its_bytes(smollm2: CpuServer) -> None:
 # -- the worker, the emulator and a real chatbot ---------------------------------------------
 
 
-def _events(log: Path, name: str) -> list[dict[str, object]]:
-    found = []
-    for line in log.read_text().splitlines():
-        if f'"{name}"' in line:
-            event = json.loads(line)
-            if event.get("event") == name:
-                found.append(event)
-    return found
-
-
 @pytest.mark.engine
 @pytest.mark.emulator
 def test_a_preemption_storm_loses_and_duplicates_nothing(
@@ -334,15 +323,16 @@ def test_a_preemption_storm_loses_and_duplicates_nothing(
     assert set(counts) == wanted
     assert max(counts.values()) == 1, "a preempted request was answered twice"
     assert not collector.dead_letters
-    preempted = _events(worker.log_path, "preempted")
-    resumed = _events(worker.log_path, "resumed")
+    preempted = worker_events(worker.log_path, "preempted")
+    resumed = worker_events(worker.log_path, "resumed")
     assert len(preempted) >= 20, f"only {len(preempted)} preemptions in {chat.bursts} bursts"
     assert len(resumed) == len(preempted)
     assert {e["request_id"] for e in preempted} <= wanted
     for received in collector.results:
         result = FeedbackResult.model_validate_json(received.data)
         assert 0 < result.usage.completion_tokens <= 96
-    nacked = [e for e in _events(worker.log_path, "request_done") if e["outcome"] != "succeeded"]
+    done = worker_events(worker.log_path, "request_done")
+    nacked = [e for e in done if e["outcome"] != "succeeded"]
     assert not nacked
 
 
@@ -370,7 +360,7 @@ def test_sigterm_while_answers_are_paused_nacks_them(
     # Chat stays busy from here on: whatever is in flight is preempted and waits.
     chat = ChatBursts(smollm2.base_url, SERVED_NAME, busy_s=600, idle_s=0).start()
     try:
-        while not _events(first.log_path, "preempted"):
+        while not worker_events(first.log_path, "preempted"):
             assert time.monotonic() < deadline, "nothing was preempted"
             time.sleep(0.2)
         first.send_signal(signal.SIGTERM)
@@ -379,9 +369,10 @@ def test_sigterm_while_answers_are_paused_nacks_them(
     finally:
         chat.stop()
     log = first.log_path
-    assert _events(log, "shutdown_complete")
-    paused = {e["request_id"] for e in _events(log, "preempted")}
-    nacked = {e["request_id"] for e in _events(log, "request_done") if e["outcome"] == "nacked"}
+    assert worker_events(log, "shutdown_complete")
+    paused = {e["request_id"] for e in worker_events(log, "preempted")}
+    done = worker_events(log, "request_done")
+    nacked = {e["request_id"] for e in done if e["outcome"] == "nacked"}
     assert paused <= nacked | {r.attributes["request_id"] for r in collector.results}
     second = project.start_worker(engine, "worker-2", FEEDBACK_DEFAULT_MAX_TOKENS="16")
     try:
