@@ -8,7 +8,7 @@ import asyncio
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,49 +61,71 @@ def _settings(server: CpuServer, **extra: Any) -> WorkerSettings:
     )
 
 
+async def _answer(server: CpuServer, max_tokens: int) -> tuple[str, int]:
+    """One chat answer at temperature 0 that runs to `max_tokens` (no stop at EOS), as a
+    plain call: its text and token count."""
+    body = {
+        "model": SERVED_NAME,
+        "messages": build_messages(FeedbackRequest(request_id="p", text=TEXT), "Be helpful."),
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    async with httpx.AsyncClient(timeout=300) as client:
+        response = await client.post(f"{server.base_url}/chat/completions", json=body)
+    response.raise_for_status()
+    reply = response.json()
+    return reply["choices"][0]["message"]["content"], reply["usage"]["completion_tokens"]
+
+
 @pytest.mark.engine
 def test_a_paused_engine_generates_nothing_and_resumes_each_answer_where_it_stopped(
     engine: CpuServer,
 ) -> None:
     """At temperature 0 a paused-and-resumed answer equals the uninterrupted one: its KV
     cache stayed, and nothing was cut or sent again."""
-    settings = _settings(engine, repetition_penalty=1.0)
-    messages = build_messages(FeedbackRequest(request_id="p", text=TEXT), settings.system_prompt)
+    settings = _settings(engine)
+    tokens = 600
 
-    async def scenario() -> tuple[Completion, Completion, list[float]]:
-        client = EngineClient(settings)
+    async def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> tuple[tuple[str, int], tuple[str, int], list[float]]:
         watch = ChatWatch(1)
         pause = EnginePause(settings, watch)
         await pause.start()
         assert pause.works
         holding = asyncio.create_task(pause.run())
         try:
-            plain = await client.complete(messages, 200)
-            answer = asyncio.create_task(client.complete(messages, 200))
+            plain = await _answer(engine, tokens)
+            answer = asyncio.create_task(_answer(engine, tokens))
             frozen = []
             for _ in range(3):
                 await asyncio.sleep(0.3)
                 watch.observe(1)
-                await asyncio.sleep(0.3)  # the pause lands at the end of a step
+                # The pause is confirmed once the engine's step under way is over.
+                await until(lambda: pause.paused is True)
                 before = await asyncio.to_thread(_generated, engine)
                 await asyncio.sleep(1.0)
                 frozen.append(await asyncio.to_thread(_generated, engine) - before)
                 assert not answer.done(), "the answer went on while paused"
                 watch.observe(0)
+                await until(lambda: pause.paused is False)
             return plain, await asyncio.wait_for(answer, 300), frozen
         finally:
             holding.cancel()
             await pause.close()
-            await client.close()
 
     with capture_logs() as events:
         plain, paused, frozen = asyncio.run(scenario())
     assert frozen == [0.0, 0.0, 0.0], "the engine generated while paused"
     assert [e["event"] for e in events if e["event"].startswith("engine_")] == [
         "engine_paused", "engine_resumed"] * 3  # fmt: skip
-    assert plain.completion_tokens > 20
-    assert paused.text == plain.text
-    assert paused.completion_tokens == plain.completion_tokens
+    assert plain[1] == paused[1] == tokens
+    assert paused[0] == plain[0]
     assert not _is_paused(engine)
 
 

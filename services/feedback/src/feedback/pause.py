@@ -52,6 +52,11 @@ class EnginePause:
         self._sent_at = 0.0
         self._started = False
 
+    @property
+    def paused(self) -> bool | None:
+        """What the engine last confirmed (None: not known)."""
+        return self._paused
+
     async def start(self) -> None:
         """Resume the engine (a worker that died during a pause left it paused) and learn
         whether it can pause at all."""
