@@ -16,6 +16,7 @@ import httpx2 as httpx
 import pytest
 from cohost.cpu_engine.models import ensure_model
 from cohost.processes import free_port
+from cohost.status import checks
 from cohost_shared.messages import FeedbackRequest, FeedbackResult
 from cohost_shared.metrics import Metrics
 from feedback.engine import Completion, EngineClient
@@ -232,6 +233,8 @@ def test_sigterm_while_the_engine_is_paused_hands_back_and_resumes_it(
             assert time.monotonic() < deadline, "the engine was not paused"
             time.sleep(0.2)
         assert _is_paused(engine)
+        status = checks.check_worker(f"http://127.0.0.1:{first.env['FEEDBACK_METRICS_PORT']}")
+        assert "its engine paused for chat" in status.summary, status.summary
         first.send_signal(signal.SIGTERM)
         assert first.proc is not None
         assert first.proc.wait(timeout=60) == 0

@@ -159,6 +159,9 @@ def check_worker(url: str, *, timeout: float = 3.0) -> Check:
         "nacked_by_cause": nacked,
         "retried": m.value("feedback_retried_total"),
         "engine_errors": m.by_label("feedback_engine_errors_total", "kind"),
+        # Preemption by pause: its engine held while chat is busy (feedback/pause.py).
+        "engine_paused": m.value("feedback_engine_paused"),
+        "engine_pauses": m.value("feedback_engine_pauses_total"),
         "rss_bytes": m.value("process_resident_memory_bytes"),
         "uptime_s": None if started is None else max(0.0, time.time() - started),
     }
@@ -171,6 +174,8 @@ def check_worker(url: str, *, timeout: float = 3.0) -> Check:
         f"dead-lettered {_n(details['dead_lettered'])}{_breakdown(dead)}",
         f"nacked {_n(details['nacked'])}{_breakdown(nacked)}",
     ]
+    if details["engine_paused"]:
+        parts.insert(1, "its engine paused for chat")
     if details["uptime_s"] is not None:
         parts.insert(0, f"up {_duration(details['uptime_s'])}")
     if details["rss_bytes"] is not None:
