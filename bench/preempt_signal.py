@@ -120,7 +120,10 @@ def servers(chat_url: str | None, feedback_url: str | None) -> Iterator[tuple[st
         return
     ensure_engine(log=print)
     model = ensure_model(TEST_MODEL, log=print)
-    started = [CpuServer(model, free_port(), logs_dir() / f"bench-preempt-{n}.log") for n in "cf"]
+    started = [
+        CpuServer(model, free_port(), logs_dir() / f"bench-preempt-{n}.log", role=role)
+        for n, role in (("c", "chatbot"), ("f", "feedback"))
+    ]
     try:
         for server in started:
             server.start()
