@@ -185,9 +185,9 @@ def print_tables(paths: list[Path]) -> None:
                 print("\n".join(notes))
     faults = [r for r in rows if r["step"] == "fault" and "error" not in r]
     if faults:
-        print("\n| profile, sharing | faulting process exit | engines | chat errors (window s) "
-              "| feedback answered / lost |")  # fmt: skip
-        print("|---|---|---|---|---|")
+        print("\n| profile, sharing | preemption | faulting process exit | engines "
+              "| chat errors (window s) | feedback answered / lost |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
     for r in faults:
         engines = r.get("engines", {})
         back = ", ".join(
@@ -198,7 +198,9 @@ def print_tables(paths: list[Path]) -> None:
                   if r["chat_errors"] else "0")  # fmt: skip
         fb = r["feedback"]
         print(
-            f"| {r['profile']}, {r['sharing']} | {r.get('faulter_exit')} | {back} | {window} "
+            # Runs before 2026-12-04 faulted beside a worker without preemption.
+            f"| {r['profile']}, {r['sharing']} | {r.get('preempt_mode') or 'off'} "
+            f"| {r.get('faulter_exit')} | {back} | {window} "
             f"| {fb['answered']} of {fb['requests']} / {fb['lost']} |"
         )
 

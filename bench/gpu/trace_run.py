@@ -17,7 +17,9 @@ JSON line in OUT/results.jsonl (bench/gpu/trace_steps.py):
   feedback_alone  the worker saturating the feedback engine, no chat (--feedback-s)
   shared          per load and preemption setting: feedback saturating, then the replay
   fault           under load: a third process stores to an illegal address (MPS: a client
-                  of the pair's daemon); chat errors, engines back, the worker's accounting
+                  of the pair's daemon); chat errors, engines back, the worker's accounting;
+                  the worker preempts as --fault-preempt says (default pause; before
+                  2026-12-04 this step ran it without preemption)
 
 Report: `python3 bench/gpu/report.py trace OUT`. A file OUT/skip-optional skips `fault`.
 """
@@ -73,7 +75,7 @@ def pair_steps(run: Run, pair: Pair, args: argparse.Namespace, chat: trace_steps
                     continue
                 fault_chat = trace_steps.Chat(chat.requests, args.fault_s, chat.prompt_kind)
                 trace_steps.fault(run, pair, fault_chat, args.fault_load or args.loads[0], cap,
-                                  args.fault_s)  # fmt: skip
+                                  args.fault_s, args.fault_preempt)  # fmt: skip
         except Exception:
             run.record({"step": step, "profile": pair.profile, "sharing": pair.sharing,
                         "error": traceback.format_exc()})  # fmt: skip
@@ -134,6 +136,7 @@ def main() -> int:
     p.add_argument("--feedback-s", type=float, default=30.0)
     p.add_argument("--fault-s", type=float, default=180.0, help="replay and settle time")
     p.add_argument("--fault-load", type=float, default=0.0, help="chat load (default: the first)")
+    p.add_argument("--fault-preempt", default="pause", help="the worker's preemption in `fault`")
     p.add_argument("--warmup", type=float, default=5.0, help="feedback runs this long first")
     p.add_argument("--trace", type=Path, default=trace.DEFAULT_TRACE)
     p.add_argument("--cpu-smoke", action="store_true")
@@ -142,6 +145,7 @@ def main() -> int:
     args.loads = floats(args.loads)
     modes = {"off": None, "on": "abort", "abort": "abort", "pause": "pause"}
     args.preempt = [modes[x] for x in args.preempt.split(",") if x]
+    args.fault_preempt = modes[args.fault_preempt]
     args.steps = [s for s in args.steps.split(",") if s]
     unknown = set(args.steps) - set(STEPS)
     if unknown:

@@ -188,11 +188,20 @@ def shared(run: Run, pair: Pair, chat: Chat, load: float, cap: float, preempt: s
 # ----------------------------------------------------------------------------- a GPU fault
 
 
-def fault(run: Run, pair: Pair, chat: Chat, load: float, cap: float, settle_s: float) -> None:
-    """While chat replays and feedback runs: a third process on the GPU (under MPS: a client
-    of the pair's daemon) stores to an illegal address. Chat errors, when each engine served
-    again (a launcher that exited is started again, as a container runtime would), and
-    whether the worker lost a request."""
+def fault(
+    run: Run,
+    pair: Pair,
+    chat: Chat,
+    load: float,
+    cap: float,
+    settle_s: float,
+    preempt: str | None,
+) -> None:
+    """While chat replays and feedback runs (the worker's preemption `preempt`, as in
+    `shared`): a third process on the GPU (under MPS: a client of the pair's daemon) stores
+    to an illegal address. Chat errors, when each engine served again (a launcher that
+    exited is started again, as a container runtime would), and whether the worker lost a
+    request."""
     requests = chat.schedule(load * cap, chatbot_len(pair))
     script = run.out / "faulter.py"
     script.write_text(_faulter_source())
@@ -219,8 +228,9 @@ def fault(run: Run, pair: Pair, chat: Chat, load: float, cap: float, settle_s: f
         prompts = await _prompts(chat, requests)
         # A finite load (about a minute's work at the measured pace), so that every request's
         # fate can be told: answered, dead-lettered or lost.
-        load_ = feedback_load(run, f"fault-{time.time():.0f}", 0, None,
+        load_ = feedback_load(run, f"fault-{time.time():.0f}", 0, preempt,
                               count=run.shape.feedback_in_flight * 60)  # fmt: skip
+        counted = counters()
         with replay.Apart() as apart:
             worker = asyncio.create_task(load_.run())
             t_start = time.monotonic()
@@ -236,6 +246,7 @@ def fault(run: Run, pair: Pair, chat: Chat, load: float, cap: float, settle_s: f
             await asyncio.wait_for(load_.source.drained.wait(), settle_s)
         load_.stop()
         await asyncio.gather(worker, return_exceptions=True)
+        now = counters()
         errors = [o for o in outcomes if o.error]
         before = [o for o in outcomes if o.ended_s < fault_at]
         return {
@@ -252,12 +263,19 @@ def fault(run: Run, pair: Pair, chat: Chat, load: float, cap: float, settle_s: f
             else None,
             "feedback": load_.accounting(),
             "feedback_drained": load_.source.drained.is_set(),
+            "worker": {
+                "preempt": preempt,
+                **{
+                    k: (now[k] or 0) - (counted[k] or 0) if now[k] is not None else None
+                    for k in COUNTERS
+                },
+            },
             "outcomes": replay.rows(outcomes),
         }
 
     result = asyncio.run(go())
     run.record({"step": "fault", "profile": pair.profile, "sharing": pair.sharing, "load": load,
-                **outcome, **result})  # fmt: skip
+                "preempt_mode": preempt, **outcome, **result})  # fmt: skip
 
 
 def watch_engines(pair: Pair, settle_s: float) -> dict[str, Any]:
