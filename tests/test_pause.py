@@ -19,11 +19,12 @@ from cohost.processes import free_port
 from cohost.status import checks
 from cohost_shared.messages import FeedbackRequest, FeedbackResult
 from cohost_shared.metrics import Metrics
-from feedback.engine import Completion, EngineClient
-from feedback.pause import EnginePause
+from feedback.engine import Completion, EngineClient, EngineUnavailable
+from feedback.pause import EnginePause, within
 from feedback.preempt import ChatWatch, Preempter
 from feedback.prompts import build_messages
 from feedback.settings import WorkerSettings
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from harness.chat import ChatBursts
@@ -62,6 +63,13 @@ def _settings(server: CpuServer, **extra: Any) -> WorkerSettings:
     )
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
 async def _answer(server: CpuServer, max_tokens: int) -> tuple[str, int]:
     """One chat answer at temperature 0 that runs to `max_tokens` (no stop at EOS), as a
     plain call: its text and token count."""
@@ -88,12 +96,6 @@ def test_a_paused_engine_generates_nothing_and_resumes_each_answer_where_it_stop
     settings = _settings(engine)
     tokens = 600
 
-    async def until(condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 60
-        while not condition():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
-
     async def scenario() -> tuple[tuple[str, int], tuple[str, int], list[float]]:
         watch = ChatWatch(1)
         pause = EnginePause(settings, watch)
@@ -108,13 +110,13 @@ def test_a_paused_engine_generates_nothing_and_resumes_each_answer_where_it_stop
                 await asyncio.sleep(0.3)
                 watch.observe(1)
                 # The pause is confirmed once the engine's step under way is over.
-                await until(lambda: pause.paused is True)
+                await _until(lambda: pause.paused is True)
                 before = await asyncio.to_thread(_generated, engine)
                 await asyncio.sleep(1.0)
                 frozen.append(await asyncio.to_thread(_generated, engine) - before)
                 assert not answer.done(), "the answer went on while paused"
                 watch.observe(0)
-                await until(lambda: pause.paused is False)
+                await _until(lambda: pause.paused is False)
             return plain, await asyncio.wait_for(answer, 300), frozen
         finally:
             holding.cancel()
@@ -165,6 +167,64 @@ def test_an_engine_without_pause_is_preempted_by_abort(chatbot: CpuServer) -> No
     assert "preempted" in names, "the calls were stopped by abort"
     assert "engine_paused" not in names
     assert answer.completion_tokens == len(answer.token_ids or ())
+
+
+@pytest.mark.engine
+def test_time_held_paused_does_not_count_toward_the_call_timeout(engine: CpuServer) -> None:
+    """Chat busy for longer than FEEDBACK_LLM_TIMEOUT_S: the answer waits it out and then
+    finishes, instead of timing out and being redone from scratch."""
+    settings = _settings(engine, llm_timeout_s=3.0)
+    messages = build_messages(FeedbackRequest(request_id="t", text=TEXT), settings.system_prompt)
+    held_before = REGISTRY.get_sample_value("feedback_engine_paused_seconds_total") or 0.0
+
+    async def scenario() -> tuple[Completion, float, bool]:
+        client = EngineClient(settings)
+        watch = ChatWatch(1)
+        pause = EnginePause(settings, watch)
+        await pause.start()
+        holding = asyncio.create_task(pause.run())
+        try:
+            watch.observe(1)
+            await _until(lambda: pause.paused is True)
+            answer = asyncio.create_task(
+                Preempter(settings, client, watch, pause).complete(messages, 8)
+            )
+            await asyncio.sleep(8.0)  # well past the 3 s timeout, all of it paused
+            waited = answer.done()
+            watch.observe(0)
+            return await asyncio.wait_for(answer, 60), pause.held_s(), waited
+        finally:
+            holding.cancel()
+            await pause.close()
+            await client.close()
+
+    completion, held, done_while_paused = asyncio.run(scenario())
+    assert not done_while_paused, "the call ended while the engine was paused"
+    assert 0 < completion.completion_tokens <= 8
+    assert held >= 8.0
+    counted = REGISTRY.get_sample_value("feedback_engine_paused_seconds_total") or 0.0
+    assert counted - held_before >= 8.0
+
+
+def test_within_times_out_on_unpaused_time_only() -> None:
+    """The deadline's clock stops while the engine is held: a call of 1.5 s with 1.0 s of
+    it held finishes within a 1.0 s limit; with nothing held it is cut at the limit."""
+
+    async def scenario(held: Callable[[], float]) -> str:
+        async def call() -> str:
+            await asyncio.sleep(1.5)
+            return "answered"
+
+        return await within(call(), 1.0, held)
+
+    began = time.monotonic()
+    assert asyncio.run(scenario(lambda: min(max(time.monotonic() - began - 0.2, 0.0), 1.0))) == (
+        "answered"
+    )
+    began = time.monotonic()
+    with pytest.raises(EngineUnavailable, match="FEEDBACK_LLM_TIMEOUT_S"):
+        asyncio.run(scenario(lambda: 0.0))
+    assert 0.9 < time.monotonic() - began < 1.4
 
 
 # -- the worker, the emulator and a real chatbot ---------------------------------------------

@@ -18,6 +18,7 @@ import httpx2
 import openai
 import structlog
 from cohost_shared.messages import InvalidRequest, Reason
+from openai import NOT_GIVEN
 
 from feedback.settings import WorkerSettings
 
@@ -144,7 +145,7 @@ class EngineClient:
         prompt + max_tokens does not, the answer is shortened to the room left (vLLM 0.26
         rejects such requests where newer versions cap them; doing it here behaves the
         same on both)."""
-        create = create or self._create
+        create = create or self.create
         try:
             return await create(messages, max_tokens)
         except InvalidRequest as exc:
@@ -180,12 +181,21 @@ class EngineClient:
             log.warning("tokenize_failed", error=str(exc))
             return None
 
-    async def _create(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
+    async def create(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        *,
+        timed: bool = True,
+    ) -> Completion:
+        """One plain call, timed out after FEEDBACK_LLM_TIMEOUT_S; `timed=False`: never, for
+        a caller that keeps its own deadline (`feedback.pause`)."""
         try:
             response = await self._client.chat.completions.create(
                 model=self._settings.llm_model,
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=max_tokens,
+                timeout=NOT_GIVEN if timed else None,
                 **sampling_args(self._settings),
             )
         except Exception as exc:

@@ -34,6 +34,10 @@ ENGINE_PAUSES = Counter(
     "feedback_engine_pauses_total", "Times the feedback engine was paused for chat (pause mode)"
 )
 ENGINE_PAUSED = Gauge("feedback_engine_paused", "1 while the feedback engine is paused for chat")
+ENGINE_PAUSED_SECONDS = Counter(
+    "feedback_engine_paused_seconds_total",
+    "Seconds the feedback engine was held paused for chat (counted at each resume)",
+)
 CHAT_BUSY = Gauge("feedback_chat_busy", "1 while the chatbot counts as busy (preemption)")
 LATENCY = Histogram(
     "feedback_latency_seconds",

@@ -16,20 +16,30 @@ The pause is held by the engine, not the worker: a worker that dies while chat i
 leaves its engine paused, so each worker resumes it when it starts and when it stops. While
 chat stays busy the pause is sent again every REASSERT_S, so an engine restarted meanwhile
 (unpaused) is paused again.
+
+A paused answer is not a slow one: FEEDBACK_LLM_TIMEOUT_S counts only the time its engine
+was not held paused (`within`), so chat busy for longer than that costs feedback a wait,
+never a timed-out call redone from scratch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import httpx2
 import structlog
 
 from feedback import metrics
+from feedback.engine import EngineUnavailable
 from feedback.preempt import ChatWatch
 from feedback.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 PAUSE: tuple[str, dict[str, str]] = ("/pause", {"mode": "keep", "clear_cache": "false"})
 RESUME: tuple[str, dict[str, str]] = ("/resume", {})
@@ -47,15 +57,31 @@ class EnginePause:
             timeout=10.0,
         )
         self._watch = watch
+        self._limit_s = settings.llm_timeout_s
         self.works = True  # False: the engine has no /pause, preempt by abort
         self._paused: bool | None = None  # what the engine last confirmed; None: unknown
         self._sent_at = 0.0
         self._started = False
+        # The held clock: from a confirmed pause to the next confirmed resume.
+        self._held_total = 0.0
+        self._held_from: float | None = None
 
     @property
     def paused(self) -> bool | None:
         """What the engine last confirmed (None: not known)."""
         return self._paused
+
+    def held_s(self) -> float:
+        """Seconds the engine has been held paused, in all, the current pause included. A
+        resume that failed leaves the clock running: the engine is most likely still
+        paused."""
+        now = time.monotonic() - self._held_from if self._held_from is not None else 0.0
+        return self._held_total + now
+
+    async def timed(self, call: Awaitable[T]) -> T:
+        """`call` (an engine call with no timeout of its own) timed out after
+        FEEDBACK_LLM_TIMEOUT_S of the time this engine was not held paused."""
+        return await within(call, self._limit_s, self.held_s)
 
     async def start(self) -> None:
         """Resume the engine (a worker that died during a pause left it paused) and learn
@@ -99,6 +125,13 @@ class EnginePause:
         if status != 200:
             self._paused = None  # unknown: sent again at the next change or REASSERT_S
             return
+        if paused and self._held_from is None:
+            self._held_from = self._sent_at
+        elif not paused and self._held_from is not None:
+            held = self._sent_at - self._held_from
+            self._held_total += held
+            self._held_from = None
+            metrics.ENGINE_PAUSED_SECONDS.inc(held)
         changed = self._paused is not paused
         self._paused = paused
         if not changed:
@@ -123,3 +156,26 @@ class EnginePause:
             log.warning("engine_pause_failed", path=path, status=response.status_code,
                         body=response.text[:200])  # fmt: skip
         return response.status_code
+
+
+async def within(call: Awaitable[T], limit_s: float, held_s: Callable[[], float]) -> T:
+    """`call`'s result, or EngineUnavailable once it has run `limit_s` seconds not counting
+    those the engine spent held paused (`held_s`, a clock that only runs while it is)."""
+    task = asyncio.ensure_future(call)
+    began, held = time.monotonic(), held_s()
+    try:
+        while True:
+            left = limit_s - (time.monotonic() - began - (held_s() - held))
+            if left <= 0:
+                raise EngineUnavailable(
+                    f"no answer after {limit_s:g} s of unpaused engine time "
+                    "(FEEDBACK_LLM_TIMEOUT_S)"
+                )
+            done, _ = await asyncio.wait({task}, timeout=left)
+            if done:
+                return task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # closes the connection: vLLM aborts the request
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

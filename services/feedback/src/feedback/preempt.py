@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -35,6 +35,8 @@ from feedback.engine import Completion, EngineClient, EngineUnavailable
 from feedback.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 # A character is at most 4 bytes, so the last 4 tokens hold the start of the last one.
 _TAIL = 4
@@ -46,6 +48,8 @@ class Pausing(Protocol):
 
     @property
     def works(self) -> bool: ...
+
+    async def timed(self, call: Awaitable[T]) -> T: ...
 
 
 class ChatWatch:
@@ -159,8 +163,14 @@ class Preempter:
 
     async def complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
         if self._pause_engine is not None and self._pause_engine.works:
-            return await self._engine.complete(messages, max_tokens)
+            return await self._engine.complete(messages, max_tokens, self._held)
         return await self._engine.complete(messages, max_tokens, self._answer)
+
+    async def _held(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
+        """A plain call whose timeout leaves out the time the engine was paused for chat."""
+        assert self._pause_engine is not None
+        call = self._engine.create(messages, max_tokens, timed=False)
+        return await self._pause_engine.timed(call)
 
     async def _answer(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
         answer = Answer()
