@@ -130,3 +130,20 @@ def test_tables_name_each_runs_machine(tmp_path: Path, capsys: pytest.CaptureFix
         "trace-x: Some CPU, 12 of 16 CPUs usable, load 1.5 / 1.0 / 0.5, probe 9.1 ms; H200, "
         "SM 1980 of 1980 MHz, memory 3201 MHz"
     ) in capsys.readouterr().out.splitlines()
+
+
+def test_the_fault_table_names_the_workers_preemption(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fault rows from before 2026-12-04 carry no mode: their worker ran without preemption."""
+    fault = {"step": "fault", "sharing": "time-slicing", "faulter_exit": 1,
+             "engines": {"chatbot": {}, "feedback": {}, "checked_for_s": 20.0},
+             "chat_errors": 0, "chat": chat(1000.0, 5.0, 0.2),
+             "feedback": {"requests": 1920, "answered": 1920, "lost": 0}}  # fmt: skip
+    old = write(tmp_path / "old", [fault])
+    new = write(tmp_path / "new", [{**fault, "preempt_mode": "pause"}])
+    print_tables([old, new])
+    out = capsys.readouterr().out
+    rows = [x for x in out.splitlines() if x.startswith("| l4, time-slicing |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["off", "pause"]
+    assert all("1920 of 1920 / 0" in row for row in rows)
