@@ -9,8 +9,9 @@ the GPU (docs/sharing.md). The engine calls themselves are plain ones meanwhile:
 take longer.
 
 vLLM serves these two only in its development mode (VLLM_SERVER_DEV_MODE=1, set by the
-launcher for the feedback engine alone: docs/security.md). An engine without them answers
-404: the worker then preempts by abort instead, and says so once.
+launcher for the feedback engine alone: docs/sharing.md, "The pause's endpoints"). An
+engine without them answers 404: the worker then preempts by abort instead, and says so
+once.
 
 The pause is held by the engine, not the worker: a worker that dies while chat is busy
 leaves its engine paused, so each worker resumes it when it starts and when it stops. While
