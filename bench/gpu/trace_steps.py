@@ -203,7 +203,7 @@ def fault(
     exited is started again, as a container runtime would), and whether the worker lost a
     request."""
     requests = chat.schedule(load * cap, chatbot_len(pair))
-    script = run.out / "faulter.py"
+    script = run.logs / "faulter.py"  # beside its log, not among the results
     script.write_text(_faulter_source())
     env = {**pair.env}  # the pair's CUDA_MPS_PIPE_DIRECTORY: the same daemon, or none
     if pair.sharing != "mps":
