@@ -147,3 +147,26 @@ def test_the_fault_table_names_the_workers_preemption(
     rows = [x for x in out.splitlines() if x.startswith("| l4, time-slicing |")]
     assert [row.split("|")[2].strip() for row in rows] == ["off", "pause"]
     assert all("1920 of 1920 / 0" in row for row in rows)
+
+
+def test_rows_summarised_before_the_engines_last_token_get_it_from_their_timeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs before 2026-12-04b stored no `still_after_ms`; their raw timeline has it."""
+    t = [round(i * 0.05, 3) for i in range(61)]
+    gen = [10.0 * min(i, 22) + 10.0 * max(0, i - 40) for i in range(61)]  # still 1.10-2.0 s
+    outcome = {"index": 0, "scheduled_s": 1.0, "started_s": 1.0, "ended_s": 2.0,
+               "context_tokens": 100, "generated_tokens": 50}  # fmt: skip
+    seen = {"p50": 30.0, "p90": 40.0, "n": 1}
+    summary = {"gaps": 2, "idle_s": 2.0, "tokens_in_idle": 400, "tokens_while_chat_busy": 20,
+               "idle_tok_s": 200, "busy_seen_after_ms": seen}  # fmt: skip
+    run = write(tmp_path / "old", [
+        {"step": "chat_alone", "sharing": "time-slicing", "chat": chat(1000.0, 5.0, 0.66)},
+        {"step": "shared", "sharing": "time-slicing", "preempt": True, "preempt_mode": "pause",
+         "chat": {**chat(1000.0, 5.0, 0.66), "window_s": 3.0},
+         "feedback": {"tokens_per_s": 150.0}, "timeline_summary": summary,
+         "timeline": {"t": t, "fb_generated": gen}, "outcomes": [outcome]},
+    ])  # fmt: skip
+    print_tables([run])
+    out = capsys.readouterr().out
+    assert "the worker saw it busy 30 ms, its engine's last token by 100 ms." in out

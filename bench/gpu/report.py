@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-for sub in ("ops/src", "shared/src"):
+# The repository root too: the trace tables read raw timelines with bench/'s code.
+for sub in ("", "ops/src", "shared/src"):
     sys.path.insert(0, str(ROOT / sub))
 
 from cohost import gpus  # noqa: E402

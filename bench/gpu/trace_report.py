@@ -226,6 +226,9 @@ def _where(r: dict[str, Any], preempt: str, solo: float | None) -> str:
     def p50(key: str) -> str:
         return f"{w[key]['p50']:.0f} ms" if w.get(key) else "-"
 
+    if "still_after_ms" not in w:
+        w = {**w, "still_after_ms": _still(r)}
+
     rate = f"{w['idle_tok_s']:,} tok/s" if w.get("idle_tok_s") is not None else "-"
     share = f" ({w['idle_tok_s'] / solo:.0%} of alone)" if solo and w.get("idle_tok_s") else ""
     lag = w.get("loop_lag_ms") or {}
@@ -241,10 +244,23 @@ def _where(r: dict[str, Any], preempt: str, solo: float | None) -> str:
         f"{w['tokens_in_idle']:,} tokens in them, {rate}{share}; {w['tokens_while_chat_busy']:,} "
         f"while chat was busy. Median from a gap's start: {idle}the worker saw chat idle "
         f"{p50('idle_seen_after_ms')}, the engine generating {p50('generating_after_ms')}; from "
-        f"chat's return: {busy}the worker saw it busy {p50('busy_seen_after_ms')}. "
+        f"chat's return: {busy}the worker saw it busy {p50('busy_seen_after_ms')}, its engine's "
+        f"last token by {p50('still_after_ms')}. "
         f"Event-loop lag p50 / p99 / max: {lag.get('p50', '-')} / {lag.get('p99', '-')} / "
         f"{lag.get('max', '-')} ms"
     )
+
+
+def _still(r: dict[str, Any]) -> dict[str, float] | None:
+    """`still_after_ms` from a row's raw timeline: runs before 2026-12-04b did not summarise
+    it. (Imported here: the tables need nothing else of the run's code.)"""
+    if not r.get("timeline") or not r.get("outcomes"):
+        return None
+    from bench.chat_trace.replay import Outcome
+    from bench.gpu.trace_timeline import still_after_return
+
+    outcomes = [Outcome(**o) for o in r["outcomes"]]
+    return still_after_return(r["timeline"], outcomes, r["chat"]["window_s"])
 
 
 def _host(r: dict[str, Any], name: str) -> str:

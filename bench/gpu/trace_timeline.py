@@ -13,7 +13,8 @@ streams, and the replayer's clock.
 `replay.idle_gaps` of the replay's outcomes): the feedback tokens made inside the gaps and
 while chat was busy; from a gap's start, when the chatbot's /load and gauge read idle, the
 worker saw it idle and the engine was generating again; from chat's return, when /load, the
-gauge and the worker saw it busy; and the loop's lag.
+gauge and the worker saw it busy and when the engine stood still (`still_after_return`); and
+the loop's lag.
 """
 
 from __future__ import annotations
@@ -146,16 +147,54 @@ def _lag(lags: list[float]) -> dict[str, float] | None:
     return {"p50": pct(lags, 0.5) or 0, "p99": pct(lags, 0.99) or 0, "max": max(lags)}
 
 
+def _engine(timeline: dict[str, list[Any]]) -> tuple[list[float], list[float]]:
+    """The samples that read the feedback engine: their times and its generated tokens."""
+    keep = [i for i, g in enumerate(timeline["fb_generated"]) if g is not None]
+    return [timeline["t"][i] for i in keep], [float(timeline["fb_generated"][i]) for i in keep]
+
+
+def _gaps(
+    outcomes: Sequence[replay.Outcome], window_s: float, ts: list[float]
+) -> list[tuple[float, float]]:
+    """Chat's idle gaps (client side) that the samples cover."""
+    return [(a, b) for a, b in replay.idle_gaps(outcomes, window_s) if b > ts[0] and a < ts[-1]]
+
+
+def _after(
+    times: Sequence[float], flags: list[bool], starts: list[float]
+) -> dict[str, float] | None:
+    """From each start, how long until the first sample with its flag set (within 5 s)."""
+    found = [_first(list(times), flags, t, t + 5.0) for t in starts]
+    return _ms([x for x in found if x is not None])
+
+
+def still_after_return(
+    timeline: dict[str, list[Any]], outcomes: Sequence[replay.Outcome], window_s: float
+) -> dict[str, float] | None:
+    """How long the feedback engine went on generating beside chat: from each of chat's
+    returns (a gap's end before the window's), to the start of the first sample interval
+    (50 ms) in which its token counter did not move, 0 where that began before the return.
+    Its last token came no later: an upper bound, within one interval. None where the
+    engine never stood still within 5 s of a return, as without preemption."""
+    ts, gen = _engine(timeline)
+    back = [b for _, b in _gaps(outcomes, window_s, ts) if b < window_s] if len(ts) > 1 else []
+    found = []
+    for b in back:
+        still = (i for i in range(1, len(ts)) if b <= ts[i] < b + 5.0 and gen[i] == gen[i - 1])
+        first = next(still, None)
+        if first is not None:
+            found.append(max(0.0, ts[first - 1] - b))
+    return _ms(found)
+
+
 def analyse(
     timeline: dict[str, list[Any]], outcomes: Sequence[replay.Outcome], window_s: float
 ) -> dict[str, Any]:
     """What one `shared` step's timeline shows (see the module's docstring)."""
-    keep = [i for i, g in enumerate(timeline["fb_generated"]) if g is not None]
-    ts = [timeline["t"][i] for i in keep]
-    gen = [float(timeline["fb_generated"][i]) for i in keep]
+    ts, gen = _engine(timeline)
     if len(ts) < 2:
         return {"error": "no feedback engine samples"}
-    gaps = [(a, b) for a, b in replay.idle_gaps(outcomes, window_s) if b > ts[0] and a < ts[-1]]
+    gaps = _gaps(outcomes, window_s, ts)
     total = _at(ts, gen, window_s) - _at(ts, gen, 0.0)
     in_gaps = sum(_at(ts, gen, b) - _at(ts, gen, a) for a, b in gaps)
     idle_s = sum(b - a for a, b in gaps)
@@ -166,11 +205,6 @@ def analyse(
     # Generating: the engine's counter moved since the previous sample.
     moving = [False] + [later > earlier for earlier, later in itertools.pairwise(gen)]
     back = [b for _, b in gaps if b < window_s]  # chat's returns (not the window's end)
-
-    def after(flags: list[bool], starts: list[float], times: list[float] = t_all) -> Any:
-        found = [_first(times, flags, t, t + 5.0) for t in starts]
-        return _ms([x for x in found if x is not None])
-
     starts = [a for a, _ in gaps]
     return {
         "gaps": len(gaps),
@@ -180,13 +214,14 @@ def analyse(
         "tokens_while_chat_busy": round(total - in_gaps),
         "idle_tok_s": round(in_gaps / idle_s) if idle_s else None,
         # From a gap's start: the chatbot's /load and gauge, the worker, the engine.
-        "load_idle_after_ms": after([not h for h in http], starts),
-        "gauge_idle_after_ms": after([not g for g in gauge], starts),
-        "idle_seen_after_ms": after([not b for b in busy], starts),
-        "generating_after_ms": after(moving, starts, ts),
-        # From chat's return: /load, the gauge, the worker.
-        "load_busy_after_ms": after(http, back),
-        "gauge_busy_after_ms": after(gauge, back),
-        "busy_seen_after_ms": after(busy, back),
+        "load_idle_after_ms": _after(t_all, [not h for h in http], starts),
+        "gauge_idle_after_ms": _after(t_all, [not g for g in gauge], starts),
+        "idle_seen_after_ms": _after(t_all, [not b for b in busy], starts),
+        "generating_after_ms": _after(ts, moving, starts),
+        # From chat's return: /load, the gauge, the worker, the engine.
+        "load_busy_after_ms": _after(t_all, http, back),
+        "gauge_busy_after_ms": _after(t_all, gauge, back),
+        "busy_seen_after_ms": _after(t_all, busy, back),
+        "still_after_ms": still_after_return(timeline, outcomes, window_s),
         "loop_lag_ms": _lag([x for x in timeline["lag_ms"] if x is not None]),
     }
