@@ -126,7 +126,7 @@ def _at(ts: list[float], values: list[float], t: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * ((t - ts[lo]) / span if span else 0.0)
 
 
-def _first(ts: list[float], flags: list[bool], start: float, end: float) -> float | None:
+def _first(ts: Sequence[float], flags: list[bool], start: float, end: float) -> float | None:
     """Seconds from `start` to the first sample in [start, end) whose flag is set."""
     for t, flag in zip(ts, flags, strict=True):
         if start <= t < end and flag:
@@ -164,7 +164,7 @@ def _after(
     times: Sequence[float], flags: list[bool], starts: list[float]
 ) -> dict[str, float] | None:
     """From each start, how long until the first sample with its flag set (within 5 s)."""
-    found = [_first(list(times), flags, t, t + 5.0) for t in starts]
+    found = [_first(times, flags, t, t + 5.0) for t in starts]
     return _ms([x for x in found if x is not None])
 
 
@@ -177,7 +177,13 @@ def still_after_return(
     Its last token came no later: an upper bound, within one interval. None where the
     engine never stood still within 5 s of a return, as without preemption."""
     ts, gen = _engine(timeline)
-    back = [b for _, b in _gaps(outcomes, window_s, ts) if b < window_s] if len(ts) > 1 else []
+    if len(ts) < 2:
+        return None
+    return _last_token(ts, gen, [b for _, b in _gaps(outcomes, window_s, ts) if b < window_s])
+
+
+def _last_token(ts: list[float], gen: list[float], back: list[float]) -> dict[str, float] | None:
+    """`still_after_return` from the engine's samples and chat's returns."""
     found = []
     for b in back:
         still = (i for i in range(1, len(ts)) if b <= ts[i] < b + 5.0 and gen[i] == gen[i - 1])
@@ -222,6 +228,6 @@ def analyse(
         "load_busy_after_ms": _after(t_all, http, back),
         "gauge_busy_after_ms": _after(t_all, gauge, back),
         "busy_seen_after_ms": _after(t_all, busy, back),
-        "still_after_ms": still_after_return(timeline, outcomes, window_s),
+        "still_after_ms": _last_token(ts, gen, back),
         "loop_lag_ms": _lag([x for x in timeline["lag_ms"] if x is not None]),
     }
